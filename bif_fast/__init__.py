@@ -1,0 +1,23 @@
+"""bif_fast: fast, device-resident local Bayesian influence functions for PyTorch models.
+
+The local BIF between a training unit i and a query observable j is minus the covariance of their
+losses over draws from a posterior localised at the trained weights w*::
+
+    BIF(i, j) = -Cov_w(l_i(w), phi_j(w))
+
+``import bif_fast`` is cheap and never touches Triton, CUDA or the compiled extension; each op picks
+its backend on first use (see ``python -m bif_fast info``).
+"""
+
+from __future__ import annotations
+
+from bif_fast._backend import available_backends
+from bif_fast.ops import RunningCrossCovariance
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RunningCrossCovariance",
+    "available_backends",
+    "__version__",
+]

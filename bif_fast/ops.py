@@ -1,0 +1,257 @@
+"""Public ops and their backend dispatch.
+
+Each op has a pure-torch reference in ``bif_fast.reference`` with the same signature as its fast
+path (``bif_fast._C`` for the running covariance); ``backend="auto"`` picks the fast one where it is
+available and says once why when it is not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from bif_fast._backend import resolve_backend
+from bif_fast.reference import running_cov as _ref_cov
+
+__all__ = ["RunningCrossCovariance"]
+
+_STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def _normalize_device(device: torch.device | str | None) -> torch.device:
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _running_cov_impl(backend: str) -> Any:
+    if backend == "ext":
+        from bif_fast import _ext
+
+        return _ext._C
+    return _ref_cov
+
+
+class RunningCrossCovariance:
+    """Streaming centred cross-covariance of two streams, kept on one device.
+
+    Accumulates draws of ``x`` (n-vectors, e.g. the losses of n training units) and ``y`` (p-vectors,
+    e.g. p query observables) and gives their unbiased cross-covariance ``[n, p]`` and Pearson
+    correlation without storing the draws. ``update`` merges k draws at once as a rank-k Chan update:
+    the incoming block is centred and the co-moment grows by one GEMM with inner dimension k + 1, with
+    no ``n × p`` temporary and no host synchronisation (except the optional finiteness check on CUDA,
+    see ``update``). The math is in ``bif_fast/reference/running_cov.py``.
+
+    Args:
+        n (int): length of each ``x`` draw (rows of the result).
+        p (int): length of each ``y`` draw (columns of the result).
+        device (torch.device | str | None): where the state lives. Default: CPU.
+        dtype (torch.dtype): accumulator dtype, float64 or float32. Default: float64. float32 keeps about
+            1e-6 relative accuracy because only centred values enter the products.
+        backend (str): ``auto`` | ``ext`` | ``torch``. Default: ``auto`` (the compiled extension when
+            it is built, else the torch reference, with a one-time warning).
+
+    Examples:
+        >>> acc = RunningCrossCovariance(3, 2)
+        >>> acc.update(torch.randn(32, 3), torch.randn(32, 2))
+        >>> acc.update(torch.randn(5, 3), torch.randn(5, 2))
+        >>> acc.count, acc.covariance().shape
+        (37, torch.Size([3, 2]))
+    """
+
+    def __init__(
+        self,
+        n: int,
+        p: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+        backend: str = "auto",
+    ) -> None:
+        for name, value in (("n", n), ("p", p)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in _STATE_DTYPES:
+            raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        self.n, self.p = n, p
+        self.dtype = dtype
+        self.device = _normalize_device(device)
+        self.backend = resolve_backend("running_cov", self.device, backend)
+        self._impl = _running_cov_impl(self.backend)
+        self._fused = self.device.type == "cuda" and os.environ.get("BIF_FAST_COV_FUSED", "0") == "1"
+        kw = {"device": self.device, "dtype": dtype}
+        self._count = 0
+        self._mean_x = torch.zeros(n, **kw)
+        self._mean_y = torch.zeros(p, **kw)
+        self._m2_x = torch.zeros(n, **kw)
+        self._m2_y = torch.zeros(p, **kw)
+        self._comoment = torch.zeros(n, p, **kw)
+
+    def __repr__(self) -> str:
+        return (
+            f"RunningCrossCovariance(n={self.n}, p={self.p}, count={self._count}, device={self.device}, "
+            f"dtype={self.dtype}, backend={self.backend!r})"
+        )
+
+    @property
+    def count(self) -> int:
+        """Number of draws accumulated."""
+        return self._count
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        """`[n]` running mean of ``x`` (a copy)."""
+        return self._mean_x.clone()
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        """`[p]` running mean of ``y`` (a copy)."""
+        return self._mean_y.clone()
+
+    @property
+    def var_x(self) -> torch.Tensor:
+        """`[n]` unbiased variance of ``x``."""
+        self._require_two_draws("var_x")
+        return self._m2_x / (self._count - 1)
+
+    @property
+    def var_y(self) -> torch.Tensor:
+        """`[p]` unbiased variance of ``y``."""
+        self._require_two_draws("var_y")
+        return self._m2_y / (self._count - 1)
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return (self._comoment, self._mean_x, self._mean_y, self._m2_x, self._m2_y)
+
+    def _require_two_draws(self, what: str) -> None:
+        if self._count < 2:
+            raise ValueError(f"{what} needs at least 2 draws, the accumulator has {self._count}")
+
+    def _check_block(self, name: str, z: Any, width: int) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() == 1:
+            z = z.unsqueeze(0)
+        if z.dim() != 2 or z.shape[1] != width:
+            raise ValueError(f"{name} must have shape [k, {width}] (or [{width}]), got {list(z.shape)}")
+        if not z.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {z.dtype}")
+        if z.device != self.device:
+            raise ValueError(f"{name} is on {z.device} but the accumulator is on {self.device}")
+        return z
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, *, check_finite: bool = True) -> None:
+        """Merge k draws at once (a rank-k update).
+
+        Args:
+            x (Tensor): `[k, n]` (or `[n]` for one draw), any floating dtype, on the accumulator's device.
+            y (Tensor): `[k, p]` (or `[p]`), same k.
+            check_finite (bool): reject blocks holding NaN or Inf. On CUDA this reads one flag back to the
+                host (the only synchronisation of ``update``); hot loops that check finiteness
+                elsewhere (``compute_bif`` checks each chain once) pass ``False``, and a non-finite value
+                then propagates into the state. Default: True.
+
+        Raises:
+            ValueError: wrong type, shape, dtype or device, or a non-finite value (with
+                ``check_finite``). The state is left exactly as it was.
+        """
+        x = self._check_block("x", x, self.n)
+        y = self._check_block("y", y, self.p)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must hold the same number of draws, got {x.shape[0]} and {y.shape[0]}")
+        if x.shape[0] == 0:
+            return
+        if check_finite:
+            for name, z in (("x", x), ("y", y)):
+                if not bool(torch.isfinite(z).all()):
+                    bad = (~torch.isfinite(z)).nonzero()[0].tolist()
+                    raise ValueError(
+                        f"{name} holds non-finite values (first at draw {bad[0]}, index {bad[1]}); "
+                        "the accumulator is unchanged"
+                    )
+        if self._impl is _ref_cov:
+            self._impl.running_cov_update_(*self._state(), self._count, x, y)
+        else:
+            self._impl.running_cov_update_(*self._state(), self._count, x, y, self._fused)
+        self._count += x.shape[0]
+
+    def merge(self, other: RunningCrossCovariance) -> RunningCrossCovariance:
+        """Fold another accumulator of the same shape into this one, in place (Chan's parallel merge).
+
+        ``other`` may live on another device or use another dtype; its state is copied here first.
+
+        Returns:
+            self.
+        """
+        if not isinstance(other, RunningCrossCovariance):
+            raise ValueError(f"can only merge a RunningCrossCovariance, got {type(other).__name__}")
+        if (other.n, other.p) != (self.n, self.p):
+            raise ValueError(f"cannot merge a ({other.n}, {other.p}) accumulator into a ({self.n}, {self.p}) one")
+        if other is self:
+            raise ValueError("cannot merge an accumulator into itself")
+        if other._count == 0:
+            return self
+        theirs = [t.to(device=self.device, dtype=self.dtype) for t in other._state()]
+        self._impl.running_cov_merge_(*self._state(), self._count, *theirs, other._count)
+        self._count += other._count
+        return self
+
+    def covariance(self) -> torch.Tensor:
+        """`[n, p]` unbiased (ddof = 1) cross-covariance, a new tensor on the accumulator's device."""
+        self._require_two_draws("covariance()")
+        return self._impl.running_cov_covariance(self._comoment, self._count)
+
+    def correlation(self) -> torch.Tensor:
+        """`[n, p]` Pearson cross-correlation, clamped to [-1, 1].
+
+        A stream with (numerically) zero variance, i.e. sample std at most 16 ulps of its |mean|,
+        has correlation 0 with every other stream, never NaN.
+        """
+        self._require_two_draws("correlation()")
+        return self._impl.running_cov_correlation(*self._state(), self._count)
+
+    def reset(self) -> None:
+        """Forget every draw (keeps the allocation)."""
+        self._count = 0
+        for t in self._state():
+            t.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, as references to the live tensors (``torch.save`` it, or copy it)."""
+        return {
+            "n": self.n,
+            "p": self.p,
+            "count": self._count,
+            "comoment": self._comoment,
+            "mean_x": self._mean_x,
+            "mean_y": self._mean_y,
+            "m2_x": self._m2_x,
+            "m2_y": self._m2_y,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict`` (copied onto this device and dtype).
+
+        Raises:
+            ValueError: missing keys or mismatched shapes; the state is then unchanged.
+        """
+        keys = ("n", "p", "count", "comoment", "mean_x", "mean_y", "m2_x", "m2_y")
+        missing = [k for k in keys if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict misses {missing}")
+        if (int(state_dict["n"]), int(state_dict["p"])) != (self.n, self.p):
+            raise ValueError(f"state_dict is for n={state_dict['n']}, p={state_dict['p']}, not ({self.n}, {self.p})")
+        count = int(state_dict["count"])
+        if count < 0:
+            raise ValueError(f"state_dict count must be non-negative, got {count}")
+        shapes = {"comoment": (self.n, self.p), "mean_x": (self.n,), "mean_y": (self.p,), "m2_x": (self.n,)}
+        shapes["m2_y"] = (self.p,)
+        for k, shape in shapes.items():
+            if tuple(state_dict[k].shape) != shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {tuple(state_dict[k].shape)}, expected {shape}")
+        for k, dst in zip(("comoment", "mean_x", "mean_y", "m2_x", "m2_y"), self._state(), strict=True):
+            dst.copy_(state_dict[k])
+        self._count = count

@@ -1,0 +1,88 @@
+// Python bindings of bif_fast._C. Argument checks raise ValueError (TORCH_CHECK_VALUE) with the
+// argument's name; the Python wrapper in bif_fast/ops.py validates first and gives fuller messages.
+#include <torch/extension.h>
+
+#include "running_cov.h"
+
+#define CHECK_FLOAT_STATE(x)                                                                                  \
+  TORCH_CHECK_VALUE((x).scalar_type() == at::kDouble || (x).scalar_type() == at::kFloat,                      \
+                    #x " must be float32 or float64, got ", (x).scalar_type())
+#define CHECK_CONTIGUOUS(x) TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous")
+#define CHECK_DIM(x, d) TORCH_CHECK_VALUE((x).dim() == (d), #x " must have ", d, " dims, got ", (x).dim())
+#define CHECK_SAME_DEVICE(x, ref) \
+  TORCH_CHECK_VALUE((x).device() == (ref).device(), #x " is on ", (x).device(), " but the state is on ", (ref).device())
+#define CHECK_SAME_DTYPE(x, ref) \
+  TORCH_CHECK_VALUE((x).scalar_type() == (ref).scalar_type(), #x " must have the state dtype ", (ref).scalar_type())
+#define CHECK_SIZE(x, d, expected) \
+  TORCH_CHECK_VALUE((x).size(d) == (expected), #x ".size(", d, ") must be ", expected, ", got ", (x).size(d))
+#define CHECK_FLOATING(x) \
+  TORCH_CHECK_VALUE(at::isFloatingType((x).scalar_type()), #x " must be floating point, got ", (x).scalar_type())
+
+namespace {
+
+void check_state(const torch::Tensor& comoment, const torch::Tensor& mean_x, const torch::Tensor& mean_y,
+                 const torch::Tensor& m2_x, const torch::Tensor& m2_y, int64_t count) {
+  CHECK_FLOAT_STATE(comoment);
+  CHECK_DIM(comoment, 2);
+  CHECK_CONTIGUOUS(comoment);
+  const int64_t n = comoment.size(0);
+  const int64_t p = comoment.size(1);
+  for (const auto* t : {&mean_x, &mean_y, &m2_x, &m2_y}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->is_contiguous(), "state vectors must be contiguous 1-D tensors");
+    CHECK_SAME_DEVICE(*t, comoment);
+    CHECK_SAME_DTYPE(*t, comoment);
+  }
+  CHECK_SIZE(mean_x, 0, n);
+  CHECK_SIZE(m2_x, 0, n);
+  CHECK_SIZE(mean_y, 0, p);
+  CHECK_SIZE(m2_y, 0, p);
+  TORCH_CHECK_VALUE(count >= 0, "count must be non-negative, got ", count);
+}
+
+void update(torch::Tensor comoment, torch::Tensor mean_x, torch::Tensor mean_y, torch::Tensor m2_x,
+            torch::Tensor m2_y, int64_t count, const torch::Tensor& x, const torch::Tensor& y, bool fused) {
+  check_state(comoment, mean_x, mean_y, m2_x, m2_y, count);
+  CHECK_DIM(x, 2);
+  CHECK_DIM(y, 2);
+  CHECK_FLOATING(x);
+  CHECK_FLOATING(y);
+  CHECK_SAME_DEVICE(x, comoment);
+  CHECK_SAME_DEVICE(y, comoment);
+  CHECK_SIZE(x, 1, comoment.size(0));
+  CHECK_SIZE(y, 1, comoment.size(1));
+  TORCH_CHECK_VALUE(x.size(0) == y.size(0), "x and y must hold the same number of draws, got ", x.size(0), " and ",
+                    y.size(0));
+  bif_fast::running_cov_update_(comoment, mean_x, mean_y, m2_x, m2_y, count, x, y, fused);
+}
+
+void merge(torch::Tensor comoment, torch::Tensor mean_x, torch::Tensor mean_y, torch::Tensor m2_x,
+           torch::Tensor m2_y, int64_t count, const torch::Tensor& o_comoment, const torch::Tensor& o_mean_x,
+           const torch::Tensor& o_mean_y, const torch::Tensor& o_m2_x, const torch::Tensor& o_m2_y,
+           int64_t o_count) {
+  check_state(comoment, mean_x, mean_y, m2_x, m2_y, count);
+  TORCH_CHECK_VALUE(o_comoment.sizes() == comoment.sizes(), "the other accumulator has shape ", o_comoment.sizes(),
+                    ", expected ", comoment.sizes());
+  for (const auto* t : {&o_comoment, &o_mean_x, &o_mean_y, &o_m2_x, &o_m2_y}) CHECK_SAME_DEVICE(*t, comoment);
+  TORCH_CHECK_VALUE(o_count >= 0, "other count must be non-negative, got ", o_count);
+  bif_fast::running_cov_merge_(comoment, mean_x, mean_y, m2_x, m2_y, count, o_comoment, o_mean_x, o_mean_y, o_m2_x,
+                               o_m2_y, o_count);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bif_fast._C: device-resident running centred cross-covariance (rank-k Chan updates)";
+  m.def("running_cov_update_", &update, "Rank-k in-place update of a running cross-covariance state",
+        py::arg("comoment"), py::arg("mean_x"), py::arg("mean_y"), py::arg("m2_x"), py::arg("m2_y"), py::arg("count"),
+        py::arg("x"), py::arg("y"), py::arg("fused") = false);
+  m.def("running_cov_merge_", &merge, "In-place Chan merge of another state", py::arg("comoment"),
+        py::arg("mean_x"), py::arg("mean_y"), py::arg("m2_x"), py::arg("m2_y"), py::arg("count"),
+        py::arg("other_comoment"), py::arg("other_mean_x"), py::arg("other_mean_y"), py::arg("other_m2_x"),
+        py::arg("other_m2_y"), py::arg("other_count"));
+  m.def("running_cov_covariance", &bif_fast::running_cov_covariance, "Unbiased covariance from the co-moment",
+        py::arg("comoment"), py::arg("count"));
+  m.def("running_cov_correlation", &bif_fast::running_cov_correlation,
+        "Pearson correlation from the state; 0 for constant streams", py::arg("comoment"), py::arg("mean_x"),
+        py::arg("mean_y"), py::arg("m2_x"), py::arg("m2_y"), py::arg("count"));
+  m.def("built_with_cuda", &bif_fast::built_with_cuda, "Whether the fused CUDA kernels were compiled in");
+}

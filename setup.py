@@ -1,0 +1,153 @@
+"""Build script: declares the optional compiled extension ``bif_fast._C``.
+
+Metadata lives in pyproject.toml. Switches (environment variables):
+
+    BIF_FAST_BUILD_EXT   auto (default) | 0 | 1
+        auto: build the C++ extension; add the CUDA sources when torch is a CUDA build and a usable nvcc
+              is found. If the CUDA build fails, rebuild C++-only; if that fails too, install pure Python.
+              Every outcome is printed in one line starting with "bif_fast:".
+        0:    no extension (pure-Python install, torch fallbacks everywhere).
+        1:    build the extension or fail the install.
+    BIF_FAST_BUILD_CUDA  auto (default) | 0 | 1     force the CUDA part off / on (on: fail if it cannot build)
+    TORCH_CUDA_ARCH_LIST / BIF_FAST_CUDA_ARCHS      CUDA architectures (default: torch's choice)
+    MAX_JOBS                                        parallel compile jobs (torch's BuildExtension)
+    DEBUG=1                                         -O0 -g
+
+Install from source with ``pip install -e . --no-build-isolation`` so the extension is compiled against
+the torch that is installed in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc"
+
+
+def _log(msg: str) -> None:
+    print(f"bif_fast: {msg}", file=sys.stderr, flush=True)
+
+
+def _mode(name: str, default: str = "auto") -> str:
+    value = os.environ.get(name, default).strip().lower()
+    aliases = {"true": "1", "on": "1", "yes": "1", "false": "0", "off": "0", "no": "0"}
+    value = aliases.get(value, value)
+    if value not in ("auto", "0", "1"):
+        raise SystemExit(f"bif_fast: {name} must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _cuda_unavailable_reason() -> str | None:
+    """Why the CUDA sources cannot be built here, or None when they can be tried."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.exists(nvcc) and shutil.which("nvcc") is None:
+        return f"nvcc not found under {cuda_home}"
+    return None
+
+
+def _extensions(build_ext_mode: str):
+    if build_ext_mode == "0":
+        _log("BIF_FAST_BUILD_EXT=0: building no extension (pure-Python install)")
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        if build_ext_mode == "1":
+            raise SystemExit(f"bif_fast: BIF_FAST_BUILD_EXT=1 but torch is not importable: {exc}") from exc
+        _log(
+            "torch is not importable in the build environment, so no extension is built "
+            "(install torch first and use `pip install --no-build-isolation`)"
+        )
+        return [], {}
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-std=c++17"]
+    cpp_sources = [f"{CSRC}/running_cov.cpp", f"{CSRC}/bindings.cpp"]
+
+    cuda_mode = _mode("BIF_FAST_BUILD_CUDA")
+    reason = "BIF_FAST_BUILD_CUDA=0" if cuda_mode == "0" else _cuda_unavailable_reason()
+    if reason is not None and cuda_mode == "1":
+        raise SystemExit(f"bif_fast: BIF_FAST_BUILD_CUDA=1 but {reason}")
+
+    cpp_ext = cpp_extension.CppExtension(
+        "bif_fast._C", cpp_sources, extra_compile_args={"cxx": list(cxx_flags)}, include_dirs=[os.path.join(HERE, CSRC)]
+    )
+    if reason is not None:
+        _log(f"building the C++ extension without CUDA kernels ({reason})")
+        return [cpp_ext], {"fallback": None}
+
+    archs = os.environ.get("BIF_FAST_CUDA_ARCHS")
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++17", "--expt-relaxed-constexpr"]
+    cuda_ext = cpp_extension.CUDAExtension(
+        "bif_fast._C",
+        cpp_sources + [f"{CSRC}/running_cov_cuda.cu"],
+        extra_compile_args={"cxx": cxx_flags + ["-DBIF_FAST_WITH_CUDA"], "nvcc": nvcc_flags},
+        include_dirs=[os.path.join(HERE, CSRC)],
+    )
+    _log("building the C++ extension with the CUDA kernels")
+    return [cuda_ext], {"fallback": cpp_ext}
+
+
+def _build_ext_class(build_ext_mode: str, fallback):
+    from torch.utils import cpp_extension
+
+    class BuildExt(cpp_extension.BuildExtension):
+        """torch's BuildExtension, with the fallbacks of BIF_FAST_BUILD_EXT=auto."""
+
+        def build_extensions(self) -> None:
+            # BuildExtension monkey-patches the compiler on every call; restore it before a retry.
+            saved = (self.compiler.compile, self.compiler._compile)
+            try:
+                super().build_extensions()
+                return
+            except (Exception, SystemExit) as exc:  # compiler errors surface as several types
+                first_error = exc
+            if fallback is not None and _mode("BIF_FAST_BUILD_CUDA") != "1":
+                _log(f"the CUDA part failed to build ({first_error!r:.300}); rebuilding C++-only")
+                self.extensions = [fallback]
+                self.compiler.compile, self.compiler._compile = saved
+                try:
+                    super().build_extensions()
+                    _log("built the C++ extension without CUDA kernels")
+                    return
+                except (Exception, SystemExit) as exc:
+                    first_error = exc
+            if build_ext_mode == "1":
+                raise first_error
+            _log(
+                f"the extension failed to build ({first_error!r:.300}); installing pure Python, "
+                "bif_fast will use its torch fallbacks (BIF_FAST_BUILD_EXT=1 makes this an error)"
+            )
+            self.extensions = []
+
+    return BuildExt
+
+
+def main() -> None:
+    build_ext_mode = _mode("BIF_FAST_BUILD_EXT")
+    ext_modules, extra = _extensions(build_ext_mode)
+    cmdclass = {}
+    if ext_modules:
+        cmdclass["build_ext"] = _build_ext_class(build_ext_mode, extra.get("fallback"))
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+
+
+main()
