@@ -28,6 +28,8 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+# Turing through Blackwell, plus PTX for newer GPUs (CUDA 13 no longer targets older ones).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -50,13 +52,28 @@ def _cuda_unavailable_reason() -> str | None:
 
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
-    cuda_home = cpp_extension.CUDA_HOME
+    cuda_home = _find_cuda_home(cpp_extension.CUDA_HOME)
     if cuda_home is None:
-        return "no CUDA toolkit found (set CUDA_HOME)"
-    nvcc = os.path.join(cuda_home, "bin", "nvcc")
-    if not os.path.exists(nvcc) and shutil.which("nvcc") is None:
-        return f"nvcc not found under {cuda_home}"
+        return f"no CUDA toolkit with bin/nvcc and include/cuda_runtime.h found (CUDA_HOME={cpp_extension.CUDA_HOME})"
+    if cuda_home != cpp_extension.CUDA_HOME:
+        _log(f"using the CUDA toolkit at {cuda_home} (torch guessed {cpp_extension.CUDA_HOME})")
+        cpp_extension.CUDA_HOME = cuda_home
     return None
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and all(
+        os.path.exists(os.path.join(path, *rel)) for rel in (("bin", "nvcc"), ("include", "cuda_runtime.h"))
+    )
+
+
+def _find_cuda_home(guess: str | None) -> str | None:
+    """torch guesses CUDA_HOME from nvcc's location, which fails when nvcc is a copy outside the toolkit."""
+    candidates = [guess, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return next((c for c in candidates if _is_toolkit(c)), None)
 
 
 def _extensions(build_ext_mode: str):
@@ -76,8 +93,8 @@ def _extensions(build_ext_mode: str):
         return [], {}
 
     debug = os.environ.get("DEBUG", "0") == "1"
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 or C++20).
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++17"]
     cpp_sources = [f"{CSRC}/running_cov.cpp", f"{CSRC}/bindings.cpp"]
 
     cuda_mode = _mode("BIF_FAST_BUILD_CUDA")
@@ -95,7 +112,11 @@ def _extensions(build_ext_mode: str):
     archs = os.environ.get("BIF_FAST_CUDA_ARCHS")
     if archs:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-std=c++17", "--expt-relaxed-constexpr"]
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch asks the visible GPU for its architecture; on a build machine without one, name them.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        _log(f"no GPU visible: compiling CUDA code for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
+    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr"]
     cuda_ext = cpp_extension.CUDAExtension(
         "bif_fast._C",
         cpp_sources + [f"{CSRC}/running_cov_cuda.cu"],
@@ -122,6 +143,10 @@ def _build_ext_class(build_ext_mode: str, fallback):
                 first_error = exc
             if fallback is not None and _mode("BIF_FAST_BUILD_CUDA") != "1":
                 _log(f"the CUDA part failed to build ({first_error!r:.300}); rebuilding C++-only")
+                # setuptools' finalize_options set private fields on the original; the fallback needs them.
+                for key, value in vars(self.extensions[0]).items():
+                    if key.startswith("_") and not hasattr(fallback, key):
+                        setattr(fallback, key, value)
                 self.extensions = [fallback]
                 self.compiler.compile, self.compiler._compile = saved
                 try:

@@ -26,7 +26,7 @@ def test_readme_has_the_two_fresh_machine_commands():
 
 def test_ci_runs_the_readme_test_command_verbatim():
     ci = (ROOT / ".ci" / "run").read_text()
-    block = ci.split("# BEGIN README TEST COMMAND")[1].split("# END README TEST COMMAND")[0]
+    block = ci.split("# BEGIN README TEST COMMAND")[1].split("\n", 1)[1].split("# END README TEST COMMAND")[0]
     lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     assert lines == [_readme_commands()[1]]
 
