@@ -12,12 +12,18 @@ its backend on first use (see ``python -m bif_fast info``).
 from __future__ import annotations
 
 from bif_fast._backend import available_backends
-from bif_fast.ops import RunningCrossCovariance
+from bif_fast.config import SGLDConfig
+from bif_fast.ops import RunningCrossCovariance, philox_normal_, sgld_update_
+from bif_fast.sampler import SGLD
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RunningCrossCovariance",
+    "SGLD",
+    "SGLDConfig",
+    "philox_normal_",
+    "sgld_update_",
     "available_backends",
     "__version__",
 ]

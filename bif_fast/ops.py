@@ -15,7 +15,7 @@ import torch
 from bif_fast._backend import resolve_backend
 from bif_fast.reference import running_cov as _ref_cov
 
-__all__ = ["RunningCrossCovariance"]
+__all__ = ["RunningCrossCovariance", "sgld_update_", "philox_normal_"]
 
 _STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -255,3 +255,114 @@ class RunningCrossCovariance:
         for k, dst in zip(("comoment", "mean_x", "mean_y", "m2_x", "m2_y"), self._state(), strict=True):
             dst.copy_(state_dict[k])
         self._count = count
+
+
+def _check_flat(name: str, t: Any, numel: int, device: torch.device, *, dtype: torch.dtype | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.numel() != numel or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of {numel} elements, got shape {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but w is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if dtype is None and not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+
+
+def sgld_update_(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    anchor: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    config: Any,
+    seed: int = 0,
+    chain: int = 0,
+    step: int = 0,
+    offset: int = 0,
+    noise: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    diverged: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SGLD / RMSprop-SGLD / BAOAB step over a flat parameter buffer, in place, in one launch.
+
+    The update rules and the noise stream are documented in ``bif_fast/reference/sgld_update.py``
+    and ``bif_fast/reference/philox.py``. ``bif_fast.SGLD`` packs a model's parameters into such
+    buffers and calls this once per dtype per step.
+
+    Args:
+        w (Tensor): `[N]` fp32, contiguous: the parameters (master copy), updated in place.
+        grad (Tensor): `[N]` gradient of the mean minibatch loss, any float dtype.
+        anchor (Tensor): `[N]` w*, any float dtype.
+        state (Tensor | None): `[N]` fp32 RMSprop V or BAOAB velocity (required for those), else None.
+        config (SGLDConfig): hyperparameters.
+        seed (int): 64-bit noise key. chain (int), step (int): 32-bit counter words. Default: 0.
+        offset (int): canonical index of ``w[0]``. Default: 0.
+        noise (Tensor | None): `[N]` fp32 explicit noise (tests, custom streams). Default: Philox.
+        out (Tensor | None): `[N]` tensor (e.g. bf16 model parameters) that receives the new w.
+        diverged (Tensor | None): `[1]` int32 flag set to 1 if any new value is NaN or Inf.
+        backend (str): ``auto`` | ``triton`` | ``torch``.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices or a missing state.
+
+    Examples:
+        >>> w = torch.zeros(10); g = torch.ones(10)
+        >>> from bif_fast import SGLDConfig
+        >>> sgld_update_(w, g, torch.zeros(10), config=SGLDConfig(lr=1e-2), backend="torch")
+    """
+    from bif_fast.config import SGLDConfig
+
+    if not isinstance(config, SGLDConfig):
+        raise ValueError(f"config must be an SGLDConfig, got {type(config).__name__}")
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    _check_flat("w", w, w.numel(), w.device, dtype=torch.float32)
+    n, device = w.numel(), w.device
+    _check_flat("grad", grad, n, device)
+    _check_flat("anchor", anchor, n, device)
+    needs_state = config.sampler == "baoab" or config.precondition == "rmsprop"
+    if needs_state:
+        if state is None:
+            raise ValueError(f"sampler={config.sampler!r}, precondition={config.precondition!r} needs a state tensor")
+        _check_flat("state", state, n, device, dtype=torch.float32)
+    if noise is not None:
+        _check_flat("noise", noise, n, device, dtype=torch.float32)
+    if out is not None:
+        _check_flat("out", out, n, device)
+    if diverged is not None:
+        _check_flat("diverged", diverged, 1, device, dtype=torch.int32)
+    for name, value in (("seed", seed), ("chain", chain), ("step", step), ("offset", offset)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if seed >= 2**64 or chain >= 2**32 or step >= 2**32:
+        raise ValueError("seed must fit in 64 bits, chain and step in 32 bits")
+    kwargs = dict(
+        config=config, seed=seed, chain=chain, step=step, offset=offset, noise=noise, out=out, diverged=diverged
+    )
+    if resolve_backend("sgld_update", device, backend) == "triton":
+        from bif_fast.kernels.sgld_update import sgld_update_triton
+
+        sgld_update_triton(w, grad, anchor, state if needs_state else None, **kwargs)
+    else:
+        from bif_fast.reference.sgld_update import sgld_update_ as sgld_update_torch
+
+        sgld_update_torch(w, grad, anchor, state if needs_state else None, **kwargs)
+
+
+def philox_normal_(
+    out: torch.Tensor, *, seed: int, chain: int, step: int, offset: int = 0, backend: str = "auto"
+) -> torch.Tensor:
+    """Fill fp32 ``out`` `[N]` with the sampler's noise for canonical elements ``offset ..``."""
+    _check_flat("out", out, out.numel(), out.device, dtype=torch.float32)
+    if resolve_backend("sgld_update", out.device, backend) == "triton":
+        from bif_fast.kernels.sgld_update import philox_normal_triton
+
+        return philox_normal_triton(out, seed=seed, chain=chain, step=step, offset=offset)
+    from bif_fast.reference.philox import philox_normal
+
+    return out.copy_(philox_normal(out.numel(), seed=seed, chain=chain, step=step, offset=offset))

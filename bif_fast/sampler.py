@@ -1,0 +1,240 @@
+"""``SGLD``: a ``torch.optim.Optimizer`` that samples the localised posterior with one launch per step.
+
+At construction the sampled parameters are packed, in a canonical order, into flat buffers (one per
+parameter dtype): each parameter and its ``.grad`` become views into them, so a step is a single
+``sgld_update_`` launch over the whole buffer instead of one small kernel per tensor.
+
+Canonical flattening (which fixes each element's noise): parameters are grouped by dtype in order
+of first appearance, and within a dtype taken in the order given, each flattened row-major. For the
+usual single-dtype model this is just the given order. Splitting a tensor into consecutive pieces
+does not change any element's index, so it does not change the noise.
+
+Low-precision parameters (bf16/fp16) keep an fp32 master copy in the optimizer; the model's tensors
+receive the rounded master after every step. fp32 parameters are their own master.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bif_fast.config import SGLDConfig
+from bif_fast.ops import philox_normal_, sgld_update_
+from bif_fast.reference.philox import INIT_VELOCITY_STEP
+
+__all__ = ["SGLD"]
+
+
+@dataclass
+class _Segment:
+    """The parameters of one dtype, packed."""
+
+    dtype: torch.dtype
+    offset: int  # canonical index of the first element
+    params: list[torch.Tensor]
+    starts: list[int]  # start of each param within the segment
+    flat_param: torch.Tensor  # [N] in dtype; the params are views into it
+    flat_grad: torch.Tensor  # [N] in dtype; the grads are views into it
+    master: torch.Tensor  # [N] fp32 (the same tensor as flat_param when dtype is fp32)
+    anchor: torch.Tensor  # [N] in dtype: w*
+    state: torch.Tensor | None  # [N] fp32 RMSprop V / BAOAB velocity
+
+
+class SGLD(torch.optim.Optimizer):
+    """Localised SGLD, RMSprop-SGLD or BAOAB (kinetic Langevin) sampler anchored at the current weights.
+
+    ``step()`` expects ``p.grad`` to hold the gradient of the *mean* minibatch loss. The anchor w* is
+    the value of the parameters at construction. The noise is a pure function of
+    ``(seed, chain, step, element)``, so a chain is reproducible on any device and backend.
+
+    Args:
+        params (Iterable[Tensor]): the parameters to sample (e.g. only attention weights); the rest of
+            the model is untouched. Duplicates (tied weights) are taken once.
+        config (SGLDConfig | None): hyperparameters. Default: ``SGLDConfig()``.
+        seed (int): noise key. Default: 0.
+        chain (int): chain index (a separate noise stream). Default: 0.
+        backend (str): ``auto`` | ``triton`` | ``torch``. Default: ``auto``.
+
+    Raises:
+        ValueError: no parameters, non-float or non-leaf parameters, or parameters on several devices.
+
+    Examples:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SGLD(model.parameters(), SGLDConfig(lr=1e-3, nbeta=10.0), seed=0, chain=0)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> opt.diverged
+        False
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        config: SGLDConfig | None = None,
+        *,
+        seed: int = 0,
+        chain: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        config = SGLDConfig() if config is None else config
+        if not isinstance(config, SGLDConfig):
+            raise ValueError(f"config must be an SGLDConfig, got {type(config).__name__}")
+        for name, value, bits in (("seed", seed, 64), ("chain", chain, 32)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**bits:
+                raise ValueError(f"{name} must be an int in [0, 2^{bits}), got {value!r}")
+        unique: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for p in params:
+            if isinstance(p, dict):
+                raise ValueError("SGLD takes one list of parameters, not parameter groups")
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        if not unique:
+            raise ValueError("SGLD got an empty parameter list")
+        for i, p in enumerate(unique):
+            if not isinstance(p, torch.Tensor) or not p.dtype.is_floating_point:
+                raise ValueError(f"parameter {i} must be a floating-point tensor")
+            if not p.is_leaf:
+                raise ValueError(f"parameter {i} is not a leaf tensor")
+        devices = {p.device for p in unique}
+        if len(devices) != 1:
+            raise ValueError(f"all sampled parameters must be on one device, got {sorted(map(str, devices))}")
+        super().__init__(unique, {"config": config})
+        self.config = config
+        self.seed = seed
+        self.chain = chain
+        self.backend = backend
+        self.device = unique[0].device
+        self.num_steps = 0
+        self.diverged_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._segments = self._pack(unique)
+        self._init_state()
+
+    def _pack(self, params: list[torch.Tensor]) -> list[_Segment]:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        segments, offset = [], 0
+        for dtype, group in by_dtype.items():
+            starts, total = [], 0
+            for p in group:
+                starts.append(total)
+                total += p.numel()
+            flat_param = torch.empty(total, dtype=dtype, device=self.device)
+            flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
+            with torch.no_grad():
+                for p, s in zip(group, starts, strict=True):
+                    flat_param[s : s + p.numel()].copy_(p.reshape(-1))
+                    p.data = flat_param[s : s + p.numel()].view_as(p)
+                    if p.grad is not None:
+                        flat_grad[s : s + p.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = flat_grad[s : s + p.numel()].view_as(p)
+            master = flat_param if dtype == torch.float32 else flat_param.float()
+            segments.append(
+                _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None)
+            )
+            offset += total
+        return segments
+
+    def _init_state(self) -> None:
+        cfg = self.config
+        for seg in self._segments:
+            if cfg.sampler == "baoab":
+                seg.state = torch.empty_like(seg.master)
+                philox_normal_(
+                    seg.state, seed=self.seed, chain=self.chain, step=INIT_VELOCITY_STEP, offset=seg.offset,
+                    backend=self.backend,
+                )  # fmt: skip
+            elif cfg.precondition == "rmsprop":
+                seg.state = torch.zeros_like(seg.master)
+
+    @property
+    def numel(self) -> int:
+        """Number of sampled scalars."""
+        return sum(seg.master.numel() for seg in self._segments)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether any step produced a NaN or Inf (reads one flag from the device)."""
+        return bool(self.diverged_flag.item())
+
+    def _gather_grads(self, seg: _Segment) -> None:
+        """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer."""
+        for p, s in zip(seg.params, seg.starts, strict=True):
+            view = seg.flat_grad[s : s + p.numel()]
+            g = p.grad
+            if g is not None and g.data_ptr() == view.data_ptr() and g.shape == p.shape:
+                continue
+            with torch.no_grad():
+                if g is None:
+                    view.zero_()  # an unused parameter: zero gradient, prior and noise still act
+                else:
+                    view.copy_(g.reshape(-1))
+            p.grad = view.view_as(p)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One sampler step for all parameters (one kernel launch per parameter dtype)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for seg in self._segments:
+            self._gather_grads(seg)
+            sgld_update_(
+                seg.master,
+                seg.flat_grad,
+                seg.anchor,
+                seg.state,
+                config=self.config,
+                seed=self.seed,
+                chain=self.chain,
+                step=self.num_steps,
+                offset=seg.offset,
+                out=None if seg.master is seg.flat_param else seg.flat_param,
+                diverged=self.diverged_flag,
+                backend=self.backend,
+            )
+        self.num_steps += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place (they stay views into the flat buffer; ``set_to_none`` is ignored)."""
+        for seg in self._segments:
+            seg.flat_grad.zero_()
+            for p, s in zip(seg.params, seg.starts, strict=True):
+                if p.grad is None or p.grad.data_ptr() != seg.flat_grad[s:].data_ptr():
+                    p.grad = seg.flat_grad[s : s + p.numel()].view_as(p)
+
+    @torch.no_grad()
+    def reset(self, *, chain: int | None = None) -> None:
+        """Put the parameters back at w* exactly and restart the chain (optionally as another chain)."""
+        if chain is not None:
+            self.chain = chain
+        for seg in self._segments:
+            seg.flat_param.copy_(seg.anchor)
+            if seg.master is not seg.flat_param:
+                seg.master.copy_(seg.anchor)
+        self.num_steps = 0
+        self.diverged_flag.zero_()
+        self._init_state()
+
+    def anchor_of(self, p: torch.Tensor) -> torch.Tensor:
+        """w* of parameter ``p`` (a view into the optimizer's anchor buffer)."""
+        for seg in self._segments:
+            for q, s in zip(seg.params, seg.starts, strict=True):
+                if q is p:
+                    return seg.anchor[s : s + p.numel()].view_as(p)
+        raise ValueError("p is not sampled by this optimizer")
+
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master value of parameter ``p`` (``p`` itself when it is fp32)."""
+        for seg in self._segments:
+            for q, s in zip(seg.params, seg.starts, strict=True):
+                if q is p:
+                    return seg.master[s : s + p.numel()].view_as(p)
+        raise ValueError("p is not sampled by this optimizer")
