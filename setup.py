@@ -95,7 +95,13 @@ def _extensions(build_ext_mode: str):
     debug = os.environ.get("DEBUG", "0") == "1"
     # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 or C++20).
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cpp_sources = [f"{CSRC}/running_cov.cpp", f"{CSRC}/bindings.cpp"]
+    # -fno-math-errno lets sqrtf inline (results unchanged); OpenMP makes at::parallel_for parallel.
+    cxx_flags += ["-fno-math-errno"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    cpp_sources = [f"{CSRC}/running_cov.cpp", f"{CSRC}/sgld_update_cpu.cpp", f"{CSRC}/bindings.cpp"]
 
     cuda_mode = _mode("BIF_FAST_BUILD_CUDA")
     reason = "BIF_FAST_BUILD_CUDA=0" if cuda_mode == "0" else _cuda_unavailable_reason()
@@ -103,7 +109,11 @@ def _extensions(build_ext_mode: str):
         raise SystemExit(f"bif_fast: BIF_FAST_BUILD_CUDA=1 but {reason}")
 
     cpp_ext = cpp_extension.CppExtension(
-        "bif_fast._C", cpp_sources, extra_compile_args={"cxx": list(cxx_flags)}, include_dirs=[os.path.join(HERE, CSRC)]
+        "bif_fast._C",
+        cpp_sources,
+        extra_compile_args={"cxx": list(cxx_flags)},
+        extra_link_args=list(link_flags),
+        include_dirs=[os.path.join(HERE, CSRC)],
     )
     if reason is not None:
         _log(f"building the C++ extension without CUDA kernels ({reason})")
@@ -121,6 +131,7 @@ def _extensions(build_ext_mode: str):
         "bif_fast._C",
         cpp_sources + [f"{CSRC}/running_cov_cuda.cu"],
         extra_compile_args={"cxx": cxx_flags + ["-DBIF_FAST_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=list(link_flags),
         include_dirs=[os.path.join(HERE, CSRC)],
     )
     _log("building the C++ extension with the CUDA kernels")

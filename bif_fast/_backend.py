@@ -18,12 +18,15 @@ import torch
 Backend = Literal["auto", "triton", "ext", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "ext", "torch")
 
-# Which fast backend each op has, besides the torch reference.
-_OP_FAST_BACKEND: dict[str, str] = {
-    "running_cov": "ext",
-    "sgld_update": "triton",
-    "cross_entropy": "triton",
+# The fast backends of each op, besides the torch reference, in the order `auto` tries them on a CUDA
+# device; on the CPU the compiled extension goes first (Triton there is only the test interpreter).
+_OP_FAST_BACKENDS: dict[str, tuple[str, ...]] = {
+    "running_cov": ("ext",),
+    "sgld_update": ("triton", "ext"),
+    "cross_entropy": ("triton",),
 }
+# Devices each op's extension code runs on.
+_EXT_DEVICES: dict[str, tuple[str, ...]] = {"running_cov": ("cpu", "cuda"), "sgld_update": ("cpu",)}
 
 _warned: set[tuple[str, str]] = set()
 
@@ -50,24 +53,24 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device.type}"
 
 
-def ext_unavailable_reason(device: torch.device) -> str | None:
-    """Why the compiled extension cannot run on ``device``, or None when it can."""
+def ext_unavailable_reason(device: torch.device, op: str = "running_cov") -> str | None:
+    """Why the compiled extension cannot run ``op`` on ``device``, or None when it can."""
     from bif_fast import _ext
 
     if not _ext.HAS_EXT:
         return _ext.EXT_IMPORT_ERROR or "bif_fast._C is not available"
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda" and torch.version.cuda is not None:
-        return None
-    return f"bif_fast._C does not run on {device.type} tensors"
+    if device.type not in _EXT_DEVICES.get(op, ()):
+        return f"bif_fast._C has no {device.type} code for {op}"
+    if device.type == "cuda" and torch.version.cuda is None:
+        return "torch is a CPU build"
+    return None
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+def _unavailable_reason(backend: str, device: torch.device, op: str) -> str | None:
     if backend == "torch":
         return None
     if backend == "ext":
-        return ext_unavailable_reason(device)
+        return ext_unavailable_reason(device, op)
     if backend == "triton":
         return triton_unavailable_reason(device)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -88,27 +91,38 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
         ValueError: unknown op or backend name.
         RuntimeError: an explicitly requested backend is unavailable (with the reason).
     """
-    if op not in _OP_FAST_BACKEND:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_OP_FAST_BACKEND)}")
+    if op not in _OP_FAST_BACKENDS:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_OP_FAST_BACKENDS)}")
     device = torch.device(device)
     requested = os.environ.get("BIF_FAST_BACKEND", requested) or "auto"
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}")
+    fast = _candidates(op, device)
     if requested != "auto":
-        if requested not in ("torch", _OP_FAST_BACKEND[op]):
-            raise RuntimeError(f"op {op} has no {requested} backend; it has {_OP_FAST_BACKEND[op]} and torch")
-        reason = _unavailable_reason(requested, device)
+        if requested != "torch" and requested not in fast:
+            raise RuntimeError(f"op {op} has no {requested} backend; it has {', '.join(fast)} and torch")
+        reason = _unavailable_reason(requested, device, op)
         if reason is not None:
             raise RuntimeError(f"backend {requested!r} requested for {op} but unavailable: {reason}")
         return requested
-    fast = _OP_FAST_BACKEND[op]
-    reason = _unavailable_reason(fast, device)
-    if reason is None:
-        return fast
-    # On CPU without the interpreter, torch is the intended path for Triton ops: no warning.
-    if not (fast == "triton" and device.type == "cpu"):
-        _warn_once(op, reason)
+    reasons = []
+    for backend in fast:
+        reason = _unavailable_reason(backend, device, op)
+        if reason is None:
+            return backend
+        # Triton on the CPU is only the test interpreter: its absence there is not worth a warning.
+        if not (backend == "triton" and device.type == "cpu"):
+            reasons.append(reason)
+    if reasons:
+        _warn_once(op, "; ".join(reasons))
     return "torch"
+
+
+def _candidates(op: str, device: torch.device) -> tuple[str, ...]:
+    fast = _OP_FAST_BACKENDS[op]
+    if device.type == "cpu":
+        fast = tuple(sorted(fast, key=lambda b: b != "ext"))
+    return fast
 
 
 def available_backends() -> dict[str, dict[str, str]]:
@@ -120,13 +134,15 @@ def available_backends() -> dict[str, dict[str, str]]:
         'ext'
     """
     out: dict[str, dict[str, str]] = {}
-    for op, fast in _OP_FAST_BACKEND.items():
+    for op in _OP_FAST_BACKENDS:
         row: dict[str, str] = {}
         for dev in ("cpu", "cuda"):
             if dev == "cuda" and not torch.cuda.is_available():
                 row[dev] = "no CUDA device"
                 continue
-            reason = _unavailable_reason(fast, torch.device(dev))
-            row[dev] = fast if reason is None else f"torch ({reason})"
+            device = torch.device(dev)
+            reasons = {b: _unavailable_reason(b, device, op) for b in _candidates(op, device)}
+            usable = [b for b, r in reasons.items() if r is None]
+            row[dev] = usable[0] if usable else "torch (" + "; ".join(r for r in reasons.values() if r) + ")"
         out[op] = row
     return out

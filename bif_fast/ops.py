@@ -305,7 +305,8 @@ def sgld_update_(
         noise (Tensor | None): `[N]` fp32 explicit noise (tests, custom streams). Default: Philox.
         out (Tensor | None): `[N]` tensor (e.g. bf16 model parameters) that receives the new w.
         diverged (Tensor | None): `[1]` int32 flag set to 1 if any new value is NaN or Inf.
-        backend (str): ``auto`` | ``triton`` | ``torch``.
+        backend (str): ``auto`` | ``triton`` (CUDA, or the CPU interpreter) | ``ext`` (fused C++ loop,
+            CPU) | ``torch`` (the reference). ``auto``: Triton on CUDA, the extension on CPU.
 
     Raises:
         ValueError: bad shapes, dtypes, devices or a missing state.
@@ -344,14 +345,36 @@ def sgld_update_(
     kwargs = dict(
         config=config, seed=seed, chain=chain, step=step, offset=offset, noise=noise, out=out, diverged=diverged
     )
-    if resolve_backend("sgld_update", device, backend) == "triton":
+    resolved = resolve_backend("sgld_update", device, backend)
+    if resolved == "triton":
         from bif_fast.kernels.sgld_update import sgld_update_triton
 
         sgld_update_triton(w, grad, anchor, state if needs_state else None, **kwargs)
+    elif resolved == "ext":
+        _sgld_update_ext(w, grad, anchor, state if needs_state else None, **kwargs)
     else:
         from bif_fast.reference.sgld_update import sgld_update_ as sgld_update_torch
 
         sgld_update_torch(w, grad, anchor, state if needs_state else None, **kwargs)
+
+
+_SAMPLER_CODE = {("sgld", "none"): 0, ("sgld", "rmsprop"): 1, ("baoab", "none"): 2}
+
+
+def _sgld_update_ext(w, grad, anchor, state, *, config, seed, chain, step, offset, noise, out, diverged) -> None:
+    """The fused C++ CPU step. It reads grad and anchor in one dtype and writes ``out`` in that dtype."""
+    from bif_fast import _ext
+    from bif_fast.reference.sgld_update import step_coefficients
+
+    if grad.dtype != anchor.dtype:
+        grad = grad.to(anchor.dtype)
+    direct_out = out if out is None or out.dtype == anchor.dtype else None
+    _ext._C.sgld_update_cpu_(
+        w, grad, anchor, state, noise, direct_out, diverged, _SAMPLER_CODE[(config.sampler, config.precondition)],
+        config.bounding_box_size is not None, offset, seed, chain, step, step_coefficients(config, step),
+    )  # fmt: skip
+    if out is not None and direct_out is None:
+        out.copy_(w)
 
 
 def philox_normal_(
@@ -359,10 +382,16 @@ def philox_normal_(
 ) -> torch.Tensor:
     """Fill fp32 ``out`` `[N]` with the sampler's noise for canonical elements ``offset ..``."""
     _check_flat("out", out, out.numel(), out.device, dtype=torch.float32)
-    if resolve_backend("sgld_update", out.device, backend) == "triton":
+    resolved = resolve_backend("sgld_update", out.device, backend)
+    if resolved == "triton":
         from bif_fast.kernels.sgld_update import philox_normal_triton
 
         return philox_normal_triton(out, seed=seed, chain=chain, step=step, offset=offset)
+    if resolved == "ext":
+        from bif_fast import _ext
+
+        _ext._C.philox_normal_cpu_(out, seed, chain, step, offset)
+        return out
     from bif_fast.reference.philox import philox_normal
 
     return out.copy_(philox_normal(out.numel(), seed=seed, chain=chain, step=step, offset=offset))

@@ -2,7 +2,18 @@
 // argument's name; the Python wrapper in bif_fast/ops.py validates first and gives fuller messages.
 #include <torch/extension.h>
 
+#include <string>
+#include <unordered_map>
+
 #include "running_cov.h"
+
+namespace bif_fast {
+void sgld_update_cpu_(torch::Tensor w, torch::Tensor grad, torch::Tensor anchor, c10::optional<torch::Tensor> state,
+                      c10::optional<torch::Tensor> noise, c10::optional<torch::Tensor> out,
+                      c10::optional<torch::Tensor> diverged, int64_t sampler, bool has_bbox, int64_t offset,
+                      uint64_t seed, int64_t chain, int64_t step, const std::unordered_map<std::string, double>& coefs);
+void philox_normal_cpu_(torch::Tensor out, uint64_t seed, int64_t chain, int64_t step, int64_t offset);
+}  // namespace bif_fast
 
 #define CHECK_FLOAT_STATE(x)                                                                                  \
   TORCH_CHECK_VALUE((x).scalar_type() == at::kDouble || (x).scalar_type() == at::kFloat,                      \
@@ -84,5 +95,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("running_cov_correlation", &bif_fast::running_cov_correlation,
         "Pearson correlation from the state; 0 for constant streams", py::arg("comoment"), py::arg("mean_x"),
         py::arg("mean_y"), py::arg("m2_x"), py::arg("m2_y"), py::arg("count"));
+  m.def("sgld_update_cpu_", &bif_fast::sgld_update_cpu_,
+        "Fused CPU sampler step over flat buffers (sampler 0 sgld, 1 rmsprop-sgld, 2 baoab)", py::arg("w"),
+        py::arg("grad"), py::arg("anchor"), py::arg("state"), py::arg("noise"), py::arg("out"), py::arg("diverged"),
+        py::arg("sampler"), py::arg("has_bbox"), py::arg("offset"), py::arg("seed"), py::arg("chain"), py::arg("step"),
+        py::arg("coefs"));
+  m.def("philox_normal_cpu_", &bif_fast::philox_normal_cpu_, "Fill out with the sampler's Philox noise",
+        py::arg("out"), py::arg("seed"), py::arg("chain"), py::arg("step"), py::arg("offset"));
   m.def("built_with_cuda", &bif_fast::built_with_cuda, "Whether the fused CUDA kernels were compiled in");
 }

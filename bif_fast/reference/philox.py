@@ -45,7 +45,7 @@ def philox4x32(
     """Philox4x32 on uint64 arrays holding 32-bit words (products of two words fit in uint64 exactly)."""
     k0 = np.uint64(seed & 0xFFFFFFFF)
     k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
-    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _M32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _M32 for c in (c0, c1, c2, c3))  # scalars broadcast
     for _ in range(rounds):
         prod_b = _ROUND_B * c2
         prod_a = _ROUND_A * c0
@@ -95,8 +95,8 @@ def philox_normal(
     x = philox4x32(
         groups & _M32,
         groups >> _SHIFT,
-        np.full_like(groups, step & 0xFFFFFFFF),
-        np.full_like(groups, chain & 0xFFFFFFFF),
+        np.uint64(step & 0xFFFFFFFF),
+        np.uint64(chain & 0xFFFFFFFF),
         seed,
     )
     z0, z1 = _box_muller(_uniform(x[0]), _uniform(x[1]))

@@ -306,3 +306,28 @@ def test_direct_extension_call_checks_arguments():
         _C.running_cov_update_(*state, 0, torch.zeros(2, 5), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="float32 or float64"):
         _C.running_cov_update_(torch.zeros(4, 3, dtype=torch.float16), *state[1:], 0, torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused-kernel"])
+@pytest.mark.parametrize("in_dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_matches_the_cpu_reference(monkeypatch, fused, in_dtype):
+    require_ext()
+    from bif_fast import _ext
+
+    if fused and not _ext.ext_has_cuda():
+        pytest.fail("the extension was built without its CUDA kernels")
+    monkeypatch.setenv("BIF_FAST_COV_FUSED", "1" if fused else "0")
+    x, y = _stream(333, 1031, 67, loc=1e2, spread=1e-2, seed=17, dtype=in_dtype)
+    ref = RunningCrossCovariance(1031, 67, backend="torch")
+    acc = RunningCrossCovariance(1031, 67, device="cuda")
+    assert acc.backend == "ext" and acc._fused == fused
+    _feed(ref, x, y, _blocks(333, 32))
+    _feed(acc, x.cuda(), y.cuda(), _blocks(333, 32))
+    assert _rel_err(acc.covariance().cpu(), ref.covariance().numpy()) <= 1e-12
+    assert _rel_err(acc.correlation().cpu(), ref.correlation().numpy()) <= 1e-12
+    other = RunningCrossCovariance(1031, 67, device="cuda")
+    _feed(other, x[:100].cuda(), y[:100].cuda(), [100])
+    acc.merge(other)
+    ref.merge(other)  # a CUDA accumulator merges into a CPU one (its state is copied over)
+    assert _rel_err(acc.covariance().cpu(), ref.covariance().numpy()) <= 1e-12
