@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, write_rows  # noqa: E402
+from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, run_child, write_rows  # noqa: E402
 
 PROVIDERS = ["generate-only", "bif_fast", "bif_fast-torch", "store+cross-gemm", "devinterp-style"]
 
@@ -154,13 +152,10 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
         for provider in args.providers.split(","):
-            cmd = [sys.executable, __file__, "--provider", provider] + [
+            argv = ["--provider", provider] + [
                 f"--{a}={getattr(args, a)}" for a in ("n", "p", "draws", "k", "dtype", "device", "threads")
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode != 0:
-                raise SystemExit(f"{provider} failed:\n{out.stderr[-3000:]}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res = run_child(__file__, argv)
             results.setdefault(provider, []).append(res)
             print(f"  run {rep + 1} {provider:<18} {res['seconds']:8.2f} s  +{res['peak_rss_above_base_mb']:8.0f} MB")
 

@@ -88,3 +88,17 @@ def write_rows(op: str, rows: list[dict]) -> Path:
         for row in rows:
             w.writerow({k: v for k, v in {**meta, **row}.items() if k in FIELDS})
     return path
+
+
+def run_child(script: str, argv: list[str]) -> dict:
+    """Run ``python script *argv`` in a fresh process (so its peak memory is its own) and return the
+    JSON object it prints on its last line."""
+    import json
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, script, *argv], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from bif_fast._backend import available_backends
 from bif_fast.config import SGLDConfig
-from bif_fast.ops import RunningCrossCovariance, philox_normal_, sgld_update_
+from bif_fast.ops import (
+    RunningCrossCovariance,
+    cross_entropy_from_logits,
+    per_token_cross_entropy,
+    philox_normal_,
+    sgld_update_,
+)
 from bif_fast.sampler import SGLD
 
 __version__ = "0.1.0"
@@ -22,6 +28,8 @@ __all__ = [
     "RunningCrossCovariance",
     "SGLD",
     "SGLDConfig",
+    "cross_entropy_from_logits",
+    "per_token_cross_entropy",
     "philox_normal_",
     "sgld_update_",
     "available_backends",

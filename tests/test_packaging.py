@@ -46,3 +46,10 @@ def test_demo_command_runs():
     )
     assert "closed form" in out.stdout
 
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)

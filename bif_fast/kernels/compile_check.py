@@ -40,7 +40,23 @@ def _sgld_cases():
     yield "philox_normal", k._philox_normal_kernel, sig, {"BLOCK_G": 256}
 
 
-def _compile(fn, signature, constexprs, target):
+def _ce_cases():
+    from bif_fast.kernels import cross_entropy as k
+
+    for dtype in ("bf16", "fp16", "fp32"):
+        sig = {
+            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "t_ptr": "*i64", "loss_ptr": "*fp32",
+            "lse_ptr": "*fp32", "N": "i64", "V": "i64", "H": "i64", "stride_hn": "i64", "stride_wv": "i64",
+            "ignore_index": "i64",
+        }  # fmt: skip
+        consts = {"HAS_BIAS": True, "UPCAST": dtype == "fp32", "BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}
+        yield f"per_token_ce[{dtype}]", k._per_token_ce_fwd_kernel, sig, consts, 8
+        sig = {"z_ptr": f"*{dtype}", "t_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "N": "i64", "V": "i64",
+               "stride_zn": "i64", "ignore_index": "i64"}  # fmt: skip
+        yield f"ce_from_logits[{dtype}]", k._ce_from_logits_fwd_kernel, sig, {"BLOCK_N": 4, "BLOCK_V": 1024}, 4
+
+
+def _compile(fn, signature, constexprs, target, num_warps: int = 4):
     import triton
     from triton.compiler import ASTSource
 
@@ -48,7 +64,7 @@ def _compile(fn, signature, constexprs, target):
     for name, value in constexprs.items():
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=target, options={"num_warps": 4})
+    return triton.compile(src, target=target, options={"num_warps": num_warps})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,16 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     target = _targets(args.arch)
     failures = 0
-    for name, fn, sig, consts in _sgld_cases():
+    cases = [(*c, 4) for c in _sgld_cases()] + list(_ce_cases())
+    for name, fn, sig, consts, warps in cases:
         try:
-            kernel = _compile(fn, sig, consts, target)
+            kernel = _compile(fn, sig, consts, target, warps)
             size = len(kernel.asm.get("cubin", b""))
             print(f"{name}: sm_{args.arch} OK (cubin {size} bytes)")
         except Exception as exc:  # report every kernel, then fail
             failures += 1
             print(f"{name}: sm_{args.arch} FAILED: {exc!r}"[:2000])
     if failures == 0:
-        print(f"sgld_update: sm_{args.arch} OK")
+        print(f"all kernels: sm_{args.arch} OK")
     return 1 if failures else 0
 
 

@@ -240,7 +240,9 @@ def test_kernels_compile_for_sm90():
         timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "sgld_update: sm_90 OK" in out.stdout
+    assert "all kernels: sm_90 OK" in out.stdout
+    for name in ("sgld_update[sampler=2,bf16]", "philox_normal", "per_token_ce[bf16]", "ce_from_logits[fp32]"):
+        assert f"{name}: sm_90 OK" in out.stdout
 
 
 @pytest.mark.cuda

@@ -1,0 +1,156 @@
+"""Pure-PyTorch per-token cross-entropy that never holds the ``[N, V]`` logits: the CPU fallback and oracle.
+
+For token n with hidden state ``h_n ∈ R^H``, the lm_head ``W ∈ R^{V×H}`` (and optional bias ``b``),
+logits ``z_n = W h_n + b`` and target ``t_n``::
+
+    loss_n = logsumexp_v(z_nv) - z_{n t_n}          (0 where t_n == ignore_index)
+
+The vocabulary is processed in chunks of ``chunk`` rows of W with an online logsumexp: keeping the
+running maximum ``m`` and the rescaled sum ``s = Σ exp(z - m)``, a new chunk with maximum ``m_c`` and
+sum ``s_c`` merges as ``m' = max(m, m_c)``, ``s' = s·exp(m - m') + s_c·exp(m_c - m')``. Peak memory is
+``O(N·chunk)``, independent of V.
+
+Backward (the SGLD gradient flows through the same loss): with ``p_nv = exp(z_nv - lse_n)`` and
+upstream gradient ``g_n`` (0 on ignored tokens), ``∂loss/∂z = g ⊙ (p - onehot(t))``, so chunk by
+chunk ``dh += (g ⊙ (p - 1_t))_c W_c``, ``dW_c = (g ⊙ (p - 1_t))_cᵀ h``, ``db_c = Σ_n (…)``: the logits
+of a chunk are recomputed from the saved ``lse`` instead of being stored.
+
+All accumulation is fp32 (inputs may be bf16/fp16/fp32); results are fp32 losses, gradients in the
+inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "per_token_cross_entropy_fwd",
+    "per_token_cross_entropy_bwd",
+    "cross_entropy_from_logits_fwd",
+    "cross_entropy_from_logits_bwd",
+    "DEFAULT_CHUNK",
+]
+
+DEFAULT_CHUNK = 4096
+
+
+def _merge_lse(m: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a chunk of logits z [N, C] into the running (max m [N], rescaled sum s [N]). Overwrites z."""
+    m_new = torch.maximum(m, z.max(dim=1).values)
+    s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
+    return m_new, s
+
+
+def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hit = (targets >= v0) & (targets < v1)
+    return hit, (targets - v0).clamp(0, v1 - v0 - 1)
+
+
+def per_token_cross_entropy_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses `[N]` fp32 and logsumexp `[N]` fp32 of ``hidden @ weight.T (+ bias)``, vocabulary in chunks."""
+    n, v = hidden.shape[0], weight.shape[0]
+    h = hidden.float()
+    m = torch.full((n,), float("-inf"), device=hidden.device)
+    s = torch.zeros(n, device=hidden.device)
+    target_logit = torch.zeros(n, device=hidden.device)
+    for v0 in range(0, v, chunk):
+        v1 = min(v, v0 + chunk)
+        z = h @ weight[v0:v1].float().T  # [N, C]
+        if bias is not None:
+            z += bias[v0:v1].float()
+        hit, col = _target_in_chunk(targets, v0, v1)
+        target_logit += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
+        m, s = _merge_lse(m, s, z)
+    lse = m + torch.log(s)
+    valid = targets != ignore_index
+    loss = torch.where(valid, lse - target_logit, 0.0)
+    return loss, lse
+
+
+def per_token_cross_entropy_bwd(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int = -100,
+    chunk: int = DEFAULT_CHUNK,
+    need_weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (d hidden, d weight, d bias) in the inputs' dtypes, recomputing logits chunk by chunk."""
+    n, v = hidden.shape[0], weight.shape[0]
+    h = hidden.float()
+    g = torch.where(targets != ignore_index, grad_loss.float(), 0.0)  # [N]
+    dh = torch.zeros_like(h)
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+    db = torch.empty(v, dtype=torch.float32, device=weight.device) if bias is not None else None
+    rows = torch.arange(n, device=hidden.device)
+    for v0 in range(0, v, chunk):
+        v1 = min(v, v0 + chunk)
+        w_c = weight[v0:v1].float()
+        z = h @ w_c.T
+        if bias is not None:
+            z += bias[v0:v1].float()
+        p = z.sub_(lse[:, None]).exp_()  # softmax over the full vocabulary, this chunk's columns
+        hit, col = _target_in_chunk(targets, v0, v1)
+        p[rows[hit], col[hit]] -= 1.0
+        p *= g[:, None]
+        dh.addmm_(p, w_c)
+        if dw is not None:
+            torch.mm(p.T, h, out=dw[v0:v1])
+        if db is not None:
+            db[v0:v1] = p.sum(dim=0)
+    return (
+        dh.to(hidden.dtype),
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )
+
+
+def cross_entropy_from_logits_fwd(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses `[N]` and logsumexp `[N]` (fp32) of existing logits `[N, V]`, streaming over V."""
+    n, v = logits.shape
+    m = torch.full((n,), float("-inf"), device=logits.device)
+    s = torch.zeros(n, device=logits.device)
+    target_logit = torch.zeros(n, device=logits.device)
+    for v0 in range(0, v, chunk):
+        v1 = min(v, v0 + chunk)
+        z = logits[:, v0:v1].to(torch.float32, copy=True)  # [N, C]; _merge_lse overwrites it
+        hit, col = _target_in_chunk(targets, v0, v1)
+        target_logit += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
+        m, s = _merge_lse(m, s, z)
+    lse = m + torch.log(s)
+    loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
+    return loss, lse
+
+
+def cross_entropy_from_logits_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int = -100,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """d logits `[N, V]` in the logits' dtype (the one ``[N, V]`` tensor a logits gradient must be)."""
+    n, v = logits.shape
+    g = torch.where(targets != ignore_index, grad_loss.float(), 0.0)
+    out = torch.empty_like(logits)
+    rows = torch.arange(n, device=logits.device)
+    for v0 in range(0, v, chunk):
+        v1 = min(v, v0 + chunk)
+        p = torch.exp(logits[:, v0:v1].float() - lse[:, None])
+        hit, col = _target_in_chunk(targets, v0, v1)
+        p[rows[hit], col[hit]] -= 1.0
+        out[:, v0:v1] = p * g[:, None]
+    return out

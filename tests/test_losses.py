@@ -1,0 +1,78 @@
+"""bif_fast.losses.causal_lm on a tiny randomly initialised GPT-NeoX (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bif_fast.losses import causal_lm
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency")
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def _tiny_neox(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.GPTNeoXForCausalLM(config).eval()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    mask[2, 5:] = 0
+    return ids, mask
+
+
+def _reference(model, ids, mask):
+    logits = model(input_ids=ids, attention_mask=mask).logits  # the model's own [B, T, V] logits
+    targets = ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -100
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="none")
+    return ref.reshape(targets.shape), targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_the_loss_from_the_models_own_logits(backend):
+    model = _tiny_neox()
+    ids, mask = _batch()
+    loss_fn = causal_lm(model, backend=backend)
+    out = loss_fn(model, {"input_ids": ids, "attention_mask": mask})
+    ref, targets = _reference(model, ids, mask)
+    assert out.shape == (3, 11) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (out[targets == -100] == 0).all() and (out[targets != -100] > 0).all()
+
+
+def test_batch_formats_and_gradients():
+    model = _tiny_neox()
+    ids, mask = _batch()
+    loss_fn = causal_lm(model, backend="torch")
+    as_dict = loss_fn(model, {"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(loss_fn(model, (ids, mask)), as_dict)
+    no_mask = loss_fn(model, ids)
+    ref, _ = _reference(model, ids, torch.ones_like(ids))
+    torch.testing.assert_close(no_mask.double(), ref, rtol=1e-5, atol=1e-5)
+    # The mean of the same loss drives SGLD: it must reach every parameter, the lm_head included.
+    as_dict.mean().backward()
+    head = model.get_output_embeddings().weight
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p is not head)
+
+
+def test_unsupported_models_and_batches_raise():
+    with pytest.raises(ValueError, match="needs a Hugging Face causal LM"):
+        causal_lm(torch.nn.Linear(3, 3))
+    model = _tiny_neox()
+    loss_fn = causal_lm(model)
+    with pytest.raises(ValueError, match="needs 'input_ids'"):
+        loss_fn(model, {"ids": torch.zeros(1, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="T >= 2"):
+        loss_fn(model, torch.zeros(2, 1, dtype=torch.long))
