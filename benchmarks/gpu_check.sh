@@ -18,6 +18,7 @@ step info 60 python -m bif_fast info
 BIF_FAST_REQUIRE_EXT=1 step tests_cuda 300 python -m pytest -q -x -m cuda tests
 step compile_check 120 python -m bif_fast.kernels.compile_check --arch 90
 step bench_sgld 300 python benchmarks/bench_sgld.py --device cuda --steps 20 --repeats 3
+step bench_cross_entropy 300 python benchmarks/bench_cross_entropy.py --device cuda --repeats 3 --inner 5
 step bench_running_cov 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3
 BIF_FAST_COV_FUSED=1 step bench_running_cov_fused 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3 --providers bif_fast,devinterp-style
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null

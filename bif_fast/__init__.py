@@ -12,7 +12,8 @@ its backend on first use (see ``python -m bif_fast info``).
 from __future__ import annotations
 
 from bif_fast._backend import available_backends
-from bif_fast.config import SGLDConfig
+from bif_fast.api import BIFError, BIFResult, compute_bif
+from bif_fast.config import BIFConfig, SGLDConfig
 from bif_fast.ops import (
     RunningCrossCovariance,
     cross_entropy_from_logits,
@@ -25,6 +26,9 @@ from bif_fast.sampler import SGLD
 __version__ = "0.1.0"
 
 __all__ = [
+    "BIFConfig",
+    "BIFError",
+    "BIFResult",
     "RunningCrossCovariance",
     "SGLD",
     "SGLDConfig",
@@ -33,5 +37,6 @@ __all__ = [
     "philox_normal_",
     "sgld_update_",
     "available_backends",
+    "compute_bif",
     "__version__",
 ]

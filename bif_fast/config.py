@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SGLDConfig"]
+__all__ = ["BIFConfig", "SGLDConfig"]
 
 Sampler = Literal["sgld", "baoab"]
 Precondition = Literal["none", "rmsprop"]
@@ -86,4 +86,66 @@ class SGLDConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown SGLDConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BIFConfig:
+    """How ``compute_bif`` samples and evaluates.
+
+    Draw schedule of each chain (the paper's Algorithm 1, with burn-in and thinning): start at w*,
+    take ``num_burnin_steps`` SGLD steps, then ``num_draws`` times: evaluate every training and query
+    loss (a draw), then take ``num_steps_bw_draws`` SGLD steps. With no burn-in the first draw is at w*.
+
+    Examples:
+        >>> cfg = BIFConfig(sgld=SGLDConfig(lr=1e-4, nbeta=100.0), num_chains=4, num_draws=200)
+        >>> cfg.total_draws
+        800
+    """
+
+    sgld: SGLDConfig = field(default_factory=SGLDConfig, metadata=_help("sampler hyperparameters"))
+    num_chains: int = field(default=4, metadata=_help("independent chains (>= 1), seeded by their index"))
+    num_draws: int = field(default=200, metadata=_help("draws per chain (>= 2 in total)"))
+    num_burnin_steps: int = field(default=0, metadata=_help("SGLD steps discarded before the first draw"))
+    num_steps_bw_draws: int = field(default=1, metadata=_help("SGLD steps between draws (>= 1)"))
+    batch_size: int = field(default=32, metadata=_help("SGLD minibatch size"))
+    eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))
+    seed: int = field(default=0, metadata=_help("key of the sampler noise and of the minibatch order"))
+    draws_per_update: int = field(default=16, metadata=_help("draws buffered per rank-k covariance update"))
+    cov_dtype: Literal["float64", "float32"] = field(default="float64", metadata=_help("accumulator dtype"))
+    compute_stderr: bool = field(default=True, metadata=_help("per-chain batch-means standard errors"))
+    progress: bool = field(default=False, metadata=_help("show a tqdm progress bar (if tqdm is installed)"))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sgld, SGLDConfig):
+            raise ValueError(f"BIFConfig.sgld must be an SGLDConfig, got {type(self.sgld).__name__}")
+        minimum = {"num_chains": 1, "num_draws": 1, "num_burnin_steps": 0, "num_steps_bw_draws": 1, "batch_size": 1,
+                   "eval_batch_size": 1, "seed": 0, "draws_per_update": 1}  # fmt: skip
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"BIFConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.num_chains * self.num_draws < 2:
+            raise ValueError("BIFConfig needs at least 2 draws in total (num_chains * num_draws)")
+        if self.cov_dtype not in ("float64", "float32"):
+            raise ValueError(f"BIFConfig.cov_dtype must be 'float64' or 'float32', got {self.cov_dtype!r}")
+
+    @property
+    def total_draws(self) -> int:
+        return self.num_chains * self.num_draws
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sgld"] = self.sgld.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BIFConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown BIFConfig fields {sorted(unknown)}")
+        if isinstance(d.get("sgld"), dict):
+            d["sgld"] = SGLDConfig.from_dict(d["sgld"])
         return cls(**d)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bif_fast._backend import resolve_backend
 from bif_fast.config import SGLDConfig
 from bif_fast.ops import philox_normal_, sgld_update_
 from bif_fast.reference.philox import INIT_VELOCITY_STEP
@@ -109,6 +110,7 @@ class SGLD(torch.optim.Optimizer):
         self.chain = chain
         self.backend = backend
         self.device = unique[0].device
+        self.resolved_backend = resolve_backend("sgld_update", self.device, backend)
         self.num_steps = 0
         self.diverged_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._segments = self._pack(unique)
@@ -147,7 +149,7 @@ class SGLD(torch.optim.Optimizer):
                 seg.state = torch.empty_like(seg.master)
                 philox_normal_(
                     seg.state, seed=self.seed, chain=self.chain, step=INIT_VELOCITY_STEP, offset=seg.offset,
-                    backend=self.backend,
+                    backend=self.resolved_backend,
                 )  # fmt: skip
             elif cfg.precondition == "rmsprop":
                 seg.state = torch.zeros_like(seg.master)
@@ -197,7 +199,7 @@ class SGLD(torch.optim.Optimizer):
                 offset=seg.offset,
                 out=None if seg.master is seg.flat_param else seg.flat_param,
                 diverged=self.diverged_flag,
-                backend=self.backend,
+                backend=self.resolved_backend,
             )
         self.num_steps += 1
         return loss

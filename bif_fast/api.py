@@ -1,0 +1,439 @@
+"""``compute_bif``: the local Bayesian influence function of any differentiable PyTorch model.
+
+The engine follows the paper's Algorithm 1: SGLD chains start at the trained weights w*; at every
+draw the losses of all training units (samples or tokens) and all query units are evaluated and go
+straight into a device-resident ``RunningCrossCovariance`` (k draws per rank-k update, no stored
+traces, no host synchronisation inside a chain); ``BIF = -Cov`` pooled over all draws of all chains
+around the grand mean (ddof = 1), and ``bif_normalized = -Corr``.
+
+Each chain accumulates into its own accumulator, which is checked once when the chain ends (one host
+read) and merged into the pooled one only if the chain stayed finite: a diverged chain is reported in
+the diagnostics and left out, never mixed in as NaN. Chain c draws its noise from stream c of the
+Philox generator and its minibatches from a generator seeded by (seed, c), so results do not depend
+on how chains are scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from bif_fast.config import BIFConfig
+from bif_fast.ops import RunningCrossCovariance
+from bif_fast.sampler import SGLD
+
+__all__ = ["compute_bif", "BIFResult", "BIFError"]
+
+logger = logging.getLogger("bif_fast")
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+class BIFError(RuntimeError):
+    """Raised when no BIF can be formed (e.g. every chain diverged); ``diagnostics`` says what happened."""
+
+    def __init__(self, message: str, diagnostics: dict[str, Any]):
+        super().__init__(message)
+        self.diagnostics = diagnostics
+
+
+@dataclass
+class BIFResult:
+    """The BIF matrices and how they were obtained.
+
+    Attributes:
+        bif (Tensor): `[n_train, n_query]` ``-Cov(l_i, phi_j)`` (per token: over non-ignored tokens).
+        bif_normalized (Tensor): `[n_train, n_query]` ``-Corr`` (0 for constant losses).
+        stderr (Tensor | None): `[n_train, n_query]` Monte-Carlo standard error of ``bif`` from per-chain
+            batch means (None with fewer than 2 surviving chains or ``compute_stderr=False``).
+        diagnostics (dict): per-chain mean-loss traces, divergence flags, timings, draws used.
+        config (BIFConfig): the configuration used.
+        train_index, query_index (Tensor | None): per-token mode: `[n_units, 2]` (sequence, position)
+            of each row / column.
+    """
+
+    bif: torch.Tensor
+    bif_normalized: torch.Tensor
+    stderr: torch.Tensor | None
+    diagnostics: dict[str, Any]
+    config: BIFConfig
+    per_token: bool = False
+    train_index: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+    _tensor_names: tuple[str, ...] = field(
+        default=("bif", "bif_normalized", "stderr", "train_index", "query_index"), repr=False
+    )
+
+    def topk(self, k: int = 10, *, normalized: bool = True, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every query column, the k training units with the largest (or smallest) BIF.
+
+        Returns:
+            (values, indices), each `[k, n_query]`.
+        """
+        m = self.bif_normalized if normalized else self.bif
+        k = min(k, m.shape[0])
+        return torch.topk(m, k, dim=0, largest=largest)
+
+    def sequence_bif(self) -> torch.Tensor:
+        """Per-token mode: the sequence-level BIF of summed losses, `[n_train_seq, n_query_seq]`.
+
+        Covariance is bilinear, so ``Cov(Σ_t l_it, Σ_s phi_js) = Σ_ts Cov(l_it, phi_js)``: summing the
+        token blocks of ``bif`` gives exactly the BIF of the summed per-sequence losses.
+        """
+        if not self.per_token or self.train_index is None or self.query_index is None:
+            raise ValueError("sequence_bif needs a per-token result")
+        rows = self.train_index[:, 0].to(self.bif.device)
+        cols = self.query_index[:, 0].to(self.bif.device)
+        n_seq, p_seq = int(rows.max()) + 1, int(cols.max()) + 1
+        by_row = torch.zeros(n_seq, self.bif.shape[1], dtype=self.bif.dtype, device=self.bif.device)
+        by_row.index_add_(0, rows, self.bif)
+        out = torch.zeros(n_seq, p_seq, dtype=self.bif.dtype, device=self.bif.device)
+        out.index_add_(1, cols, by_row)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/`` with ``tensors.safetensors`` and ``result.json`` (config and diagnostics)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._tensor_names if getattr(self, n) is not None}
+        save_file(tensors, str(path / "tensors.safetensors"))
+        meta = {"config": self.config.to_dict(), "diagnostics": self.diagnostics, "per_token": self.per_token}
+        (path / "result.json").write_text(json.dumps(meta, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> BIFResult:
+        """Read a result written by ``save``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        tensors = load_file(str(path / "tensors.safetensors"), device=str(device))
+        meta = json.loads((path / "result.json").read_text())
+        return cls(
+            bif=tensors["bif"],
+            bif_normalized=tensors["bif_normalized"],
+            stderr=tensors.get("stderr"),
+            diagnostics=meta["diagnostics"],
+            config=BIFConfig.from_dict(meta["config"]),
+            per_token=meta["per_token"],
+            train_index=tensors.get("train_index"),
+            query_index=tensors.get("query_index"),
+        )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _eval_loader(data: Any, batch_size: int, name: str) -> Iterable:
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError(f"{name} is a shuffling DataLoader; its order defines the BIF's axes, so it must not shuffle")
+        return data
+    if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
+        raise ValueError(f"{name} must be a torch Dataset or a non-shuffling DataLoader, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty")
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def _sgld_batches(data: Any, batch_size: int, seed: int, chain: int) -> Iterator:
+    """Endless minibatches; the order is a function of (seed, chain) only."""
+    if isinstance(data, DataLoader):
+        while True:
+            yield from data
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + chain * 7_919) % 2**63)
+    loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, generator=gen, drop_last=True)
+    while True:
+        yield from loader
+
+
+class _Units:
+    """Maps a loss_fn's outputs to the flat vector of units (samples, or non-ignored tokens)."""
+
+    def __init__(self, per_token: bool):
+        self.per_token = per_token
+        self.flat_index: list[torch.Tensor] = []  # per batch, positions of units in out.reshape(-1)
+        self.index_rows: list[torch.Tensor] = []  # per batch, (sequence, position) of each unit
+        self.n = 0
+
+    def discover(self, outs: list[torch.Tensor], name: str) -> None:
+        seq = 0
+        for out in outs:
+            if self.per_token:
+                mask = out != 0
+                pos = mask.nonzero()  # [u, 2] (row in batch, position)
+                self.flat_index.append(mask.reshape(-1).nonzero().squeeze(1))
+                self.index_rows.append(torch.stack([pos[:, 0] + seq, pos[:, 1]], dim=1).cpu())
+            seq += out.shape[0]
+        self.n = sum(int(i.numel()) for i in self.flat_index) if self.per_token else seq
+        if self.n == 0:
+            raise ValueError(f"{name} has no units to attribute (every per-token loss is 0, i.e. ignored)")
+
+    def gather(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        if not self.per_token:
+            return torch.cat(outs)
+        return torch.cat([o.reshape(-1)[i] for o, i in zip(outs, self.flat_index, strict=True)])
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        return torch.cat(self.index_rows) if self.per_token else None
+
+
+def _check_loss(out: Any, batch_len: int | None, per_token: bool, name: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        raise ValueError(f"loss_fn must return a floating-point tensor for {name}, got {type(out).__name__}")
+    want = 2 if per_token else 1
+    if out.dim() != want:
+        shape = "[B, T] per-token losses (per_token=True)" if per_token else "[B] per-sample losses"
+        raise ValueError(f"loss_fn must return {shape} for {name}, got shape {list(out.shape)}")
+    if batch_len is not None and out.shape[0] != batch_len:
+        raise ValueError(f"loss_fn returned {out.shape[0]} losses for a batch of {batch_len} ({name})")
+    return out
+
+
+def _batch_len(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return None if first is None else first.shape[0]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    return None
+
+
+def _evaluate(model, loader, loss_fn, device, per_token, name) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for batch in loader:
+            out = loss_fn(model, _to_device(batch, device))
+            outs.append(_check_loss(out, _batch_len(batch), per_token, name).float())
+    return outs
+
+
+def compute_bif(
+    model: torch.nn.Module,
+    train: Dataset | DataLoader,
+    query: Dataset | DataLoader,
+    *,
+    loss_fn: LossFn,
+    config: BIFConfig | None = None,
+    per_token: bool = False,
+    sgld_data: Dataset | DataLoader | None = None,
+    params: Sequence[torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> BIFResult:
+    """Local BIF between every training unit and every query unit (paper Algorithm 1).
+
+    Args:
+        model (nn.Module): the trained model; its current weights are w*. Left exactly as it was.
+        train (Dataset | DataLoader): training data; its order defines the rows.
+        query (Dataset | DataLoader): query data; its order defines the columns.
+        loss_fn (callable): ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses, or
+            ``Tensor[B, T]`` per-token losses with ``per_token=True`` (ignored positions return 0 and are
+            left out). The mean of the same function over an SGLD minibatch drives the sampler.
+        config (BIFConfig | None): sampling and evaluation settings. Default: ``BIFConfig()``.
+        per_token (bool): one unit per non-ignored token instead of per sample. Default: False.
+        sgld_data (Dataset | DataLoader | None): source of SGLD minibatches. Default: ``train``.
+        params (Sequence[Tensor] | None): parameters to sample; the rest stay at w*. Default: all
+            parameters with ``requires_grad``.
+        backend (str): sampler backend (``auto`` | ``triton`` | ``ext`` | ``torch``).
+
+    Returns:
+        BIFResult.
+
+    Raises:
+        ValueError: bad arguments, empty data, losses of the wrong shape, or non-finite losses at w*.
+        BIFError: every chain diverged (the diagnostics are attached).
+
+    Examples:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.randn(20, 1))
+        >>> loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).squeeze(1)
+        >>> cfg = BIFConfig(sgld=SGLDConfig(lr=1e-3, nbeta=20.0), num_chains=2, num_draws=50)
+        >>> compute_bif(model, data, data, loss_fn=loss_fn, config=cfg).bif.shape  # doctest: +SKIP
+        torch.Size([20, 20])
+    """
+    config = BIFConfig() if config is None else config
+    if not isinstance(config, BIFConfig):
+        raise ValueError(f"config must be a BIFConfig, got {type(config).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise ValueError("loss_fn must be callable as loss_fn(model, batch)")
+    sampled = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not sampled:
+        raise ValueError("no parameters to sample (pass params= or set requires_grad)")
+    device = sampled[0].device
+    train_loader = _eval_loader(train, config.eval_batch_size, "train")
+    query_loader = _eval_loader(query, config.eval_batch_size, "query")
+    sgld_source = train if sgld_data is None else sgld_data
+    if not isinstance(sgld_source, DataLoader) and len(sgld_source) == 0:
+        raise ValueError("sgld_data is empty")
+
+    was_training = model.training
+    originals = [(p, p.data, p.grad) for p in sampled]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cov_dtype = getattr(torch, config.cov_dtype)
+    t_start = time.perf_counter()
+    try:
+        model.eval()
+        train_units, query_units = _Units(per_token), _Units(per_token)
+        outs_train = _evaluate(model, train_loader, loss_fn, device, per_token, "train")
+        outs_query = _evaluate(model, query_loader, loss_fn, device, per_token, "query")
+        train_units.discover(outs_train, "train")
+        query_units.discover(outs_query, "query")
+        x0, y0 = train_units.gather(outs_train), query_units.gather(outs_query)
+        if not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(y0).all())):
+            raise ValueError("loss_fn gives non-finite losses at w* (before any sampling)")
+        n, p = train_units.n, query_units.n
+        opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend)
+        pooled = RunningCrossCovariance(n, p, device=device, dtype=cov_dtype)
+        chain_acc = RunningCrossCovariance(n, p, device=device, dtype=cov_dtype) if config.num_chains > 1 else pooled
+        stderr_on = config.compute_stderr and config.num_chains > 1
+        s1 = torch.zeros(n, p, device=device, dtype=cov_dtype) if stderr_on else None
+        s2 = torch.zeros(n, p, device=device, dtype=cov_dtype) if stderr_on else None
+        k = min(config.draws_per_update, config.num_draws)
+        xbuf = torch.empty(k, n, device=device)
+        ybuf = torch.empty(k, p, device=device)
+        traces = torch.full((config.num_chains, config.num_draws), float("nan"), device=device)
+        distance = torch.full((config.num_chains, config.num_draws), float("nan"), device=device)
+        diverged: list[bool] = []
+        chain_seconds: list[float] = []
+        survivors = 0
+        bar = _progress(config)
+        for c in range(config.num_chains):
+            t_chain = time.perf_counter()
+            opt.reset(chain=c)
+            for b, saved in buffers:
+                b.copy_(saved)
+            if chain_acc is not pooled:
+                chain_acc.reset()
+            batches = _sgld_batches(sgld_source, config.batch_size, config.seed, c)
+            _sgld_steps(model, opt, loss_fn, batches, device, config.num_burnin_steps, was_training, per_token)
+            filled = 0
+            for d in range(config.num_draws):
+                model.eval()
+                xbuf[filled] = train_units.gather(_evaluate(model, train_loader, loss_fn, device, per_token, "train"))
+                ybuf[filled] = query_units.gather(_evaluate(model, query_loader, loss_fn, device, per_token, "query"))
+                traces[c, d] = xbuf[filled].mean()
+                distance[c, d] = _rms_distance(opt)
+                filled += 1
+                if filled == k or d == config.num_draws - 1:
+                    chain_acc.update(xbuf[:filled], ybuf[:filled], check_finite=False)
+                    filled = 0
+                if d < config.num_draws - 1:
+                    _sgld_steps(model, opt, loss_fn, batches, device, config.num_steps_bw_draws, was_training, per_token)
+                if bar is not None:
+                    bar.update(1)
+            bad = opt.diverged or not bool(torch.isfinite(chain_acc._mean_x).all() & torch.isfinite(chain_acc._mean_y).all())
+            diverged.append(bad)
+            chain_seconds.append(time.perf_counter() - t_chain)
+            if bad:
+                logger.warning("bif_fast: chain %d diverged (NaN/Inf); it is left out of the BIF", c)
+                if chain_acc is pooled:
+                    pooled.reset()
+                continue
+            survivors += 1
+            if stderr_on and chain_acc.count >= 2:
+                inv = 1.0 / (chain_acc.count - 1)
+                s1.add_(chain_acc._comoment, alpha=inv)
+                s2.addcmul_(chain_acc._comoment, chain_acc._comoment, value=inv * inv)
+            if chain_acc is not pooled:
+                pooled.merge(chain_acc)
+            logger.info("bif_fast: chain %d done in %.2f s", c, chain_seconds[-1])
+        if bar is not None:
+            bar.close()
+        diagnostics = {
+            "chain_mean_train_loss": traces.cpu().tolist(),
+            "rms_distance_from_w_star": distance.cpu().tolist(),
+            "diverged": diverged,
+            "num_chains_used": survivors,
+            "num_draws_used": pooled.count,
+            "w_star_mean_train_loss": float(x0.mean()),
+            "w_star_mean_query_loss": float(y0.mean()),
+            "n_train_units": n,
+            "n_query_units": p,
+            "chain_seconds": chain_seconds,
+            "seconds": time.perf_counter() - t_start,
+            "sampler_backend": opt.resolved_backend,
+        }
+        if pooled.count < 2:
+            raise BIFError(f"every chain diverged ({sum(diverged)} of {config.num_chains}); no BIF", diagnostics)
+        stderr = None
+        if stderr_on and survivors >= 2:
+            mean = s1 / survivors
+            var = (s2 / survivors - mean.square()).clamp_min_(0) * (survivors / (survivors - 1))
+            stderr = (var / survivors).sqrt_()
+        return BIFResult(
+            bif=pooled.covariance().neg_(),
+            bif_normalized=pooled.correlation().neg_(),
+            stderr=stderr,
+            diagnostics=diagnostics,
+            config=config,
+            per_token=per_token,
+            train_index=train_units.index,
+            query_index=query_units.index,
+        )
+    finally:
+        with torch.no_grad():
+            for p_, data, grad in originals:
+                p_.data = data
+                p_.grad = grad
+            for b, saved in buffers:
+                b.copy_(saved)
+        model.train(was_training)
+
+
+def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, was_training: bool, per_token: bool) -> None:
+    if steps == 0:
+        return
+    model.train(was_training)
+    for _ in range(steps):
+        batch = _to_device(next(batches), device)
+        opt.zero_grad()
+        out = loss_fn(model, batch)
+        if per_token:
+            valid = (out.detach() != 0).sum().clamp_min(1)
+            loss = out.sum() / valid
+        else:
+            loss = out.mean()
+        loss.backward()
+        opt.step()
+
+
+def _rms_distance(opt: SGLD) -> torch.Tensor:
+    """sqrt(mean (w - w*)²) over the sampled parameters: how far the chain has wandered (no sync)."""
+    total = None
+    for seg in opt._segments:
+        d = (seg.master - seg.anchor.float()).square().sum()
+        total = d if total is None else total + d
+    return (total / max(opt.numel, 1)).sqrt()
+
+
+def _progress(config: BIFConfig):
+    if not config.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=config.total_draws, desc="bif_fast draws", unit="draw")
+

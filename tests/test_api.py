@@ -1,0 +1,263 @@
+"""compute_bif end to end: the closed-form Gaussian oracle, invariances, divergence, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bif_fast import BIFConfig, BIFError, BIFResult, SGLDConfig, compute_bif
+
+D, N_TRAIN, N_QUERY = 3, 24, 8
+NBETA, LOC, LR = 30.0, 5.0, 0.03
+
+
+def _linear_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_TRAIN + N_QUERY, D, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([0.5, -1.0, 0.3], dtype=torch.float64) + 0.3 * torch.randn(N_TRAIN + N_QUERY, generator=g,
+                                                                                    dtype=torch.float64)  # fmt: skip
+    w_star = torch.linalg.lstsq(x[:N_TRAIN], y[:N_TRAIN, None]).solution.squeeze(1)
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star.float()[None])
+    train = TensorDataset(x[:N_TRAIN].float(), y[:N_TRAIN].float())
+    query = TensorDataset(x[N_TRAIN:].float(), y[N_TRAIN:].float())
+    return model, train, query, x, y, w_star
+
+
+def _sq_loss(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(1) - y).square()
+
+
+def _exact_loss_cov(x, y, w_star):
+    """Cov(l_i, l_j) under the stationary law of full-batch plain SGLD (a Gaussian around w*)."""
+    hessian = x[:N_TRAIN].T @ x[:N_TRAIN] / N_TRAIN
+    lam, vec = torch.linalg.eigh(NBETA * hessian + LOC * torch.eye(D, dtype=torch.float64))
+    sigma = vec @ torch.diag(1.0 / (lam * (1 - LR * lam / 4))) @ vec.T
+    r = x @ w_star - y
+    s = x[:N_TRAIN] @ sigma @ x[N_TRAIN:].T
+    return r[:N_TRAIN, None] * r[None, N_TRAIN:] * s + 0.5 * s.square(), sigma, lam
+
+
+def _config(draws: int, chains: int = 4, **kw) -> BIFConfig:
+    sgld = SGLDConfig(lr=LR, nbeta=NBETA, localization=LOC)
+    return BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, num_steps_bw_draws=3, num_burnin_steps=200,
+                     batch_size=N_TRAIN, eval_batch_size=64, seed=0, **kw)  # fmt: skip
+
+
+def test_matches_the_closed_form_gaussian_bif_and_converges():
+    model, train, query, x, y, w_star = _linear_problem()
+    exact_cov, _, lam = _exact_loss_cov(x, y, w_star)
+    exact = -exact_cov
+    big = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(1000))
+    n = big.diagnostics["num_draws_used"]
+    assert n == 4000 and big.diagnostics["diverged"] == [False] * 4
+    # Monte-Carlo scale of each covariance entry, inflated for the chain's autocorrelation: the slowest
+    # mode decorrelates by (1 - lr λ_min / 2)^(2·3) between draws (squared for the quadratic term).
+    rho = (1 - LR * float(lam.min()) / 2) ** 3
+    n_eff = n * (1 - rho) / (1 + rho)
+    var_i = torch.diagonal(_exact_var(x, y, w_star))
+    se = ((var_i[:N_TRAIN, None] * var_i[None, N_TRAIN:] + exact_cov.square()) / n_eff).sqrt()
+    z = (big.bif - exact).abs() / se
+    assert z.max() < 5, f"BIF off by {z.max():.1f} Monte-Carlo standard errors"
+    # The test has the power to see the discretisation: the continuous-time law (lr -> 0) is rejected.
+    hessian = x[:N_TRAIN].T @ x[:N_TRAIN] / N_TRAIN
+    s_cont = x[:N_TRAIN] @ torch.linalg.inv(NBETA * hessian + LOC * torch.eye(D, dtype=torch.float64)) @ x[N_TRAIN:].T
+    r = x @ w_star - y
+    continuous = -(r[:N_TRAIN, None] * r[None, N_TRAIN:] * s_cont + 0.5 * s_cont.square())
+    assert ((big.bif - continuous).abs() / se).max() > 10
+    # The batch-means standard error is of the same order as that scale.
+    ratio = (big.stderr / se).median()
+    assert 0.2 < ratio < 5
+    small = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(60))
+    err = lambda r: float((r.bif - exact).norm() / exact.norm())  # noqa: E731
+    assert err(big) < err(small)
+    assert err(big) < 0.1
+
+
+def _exact_var(x, y, w_star):
+    """Var of every loss (train and query) under the same Gaussian, for the Monte-Carlo scale."""
+    _, sigma, _ = _exact_loss_cov(x, y, w_star)
+    r = x @ w_star - y
+    s = x @ sigma @ x.T
+    return r[:, None] * r[None, :] * s + 0.5 * s.square()
+
+
+def test_same_seed_same_result_and_model_left_exactly_at_w_star():
+    model, train, query, *_ = _linear_problem()
+    model.train()
+    w_star = model.weight.detach().clone()
+    storage = model.weight.data_ptr()
+    cfg = _config(30, chains=2)
+    a = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
+    b = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
+    assert torch.equal(a.bif, b.bif) and torch.equal(a.stderr, b.stderr)
+    assert torch.equal(model.weight, w_star) and model.weight.data_ptr() == storage
+    assert model.training and model.weight.grad is None
+    c = compute_bif(model, train, query, loss_fn=_sq_loss, config=dataclasses.replace(cfg, seed=1))
+    assert not torch.equal(a.bif, c.bif)
+
+
+def test_chain_results_do_not_depend_on_how_many_chains_run():
+    """Chain c is seeded by its index: the first chain of a 1-chain and of a 3-chain run is the same chain."""
+    model, train, query, *_ = _linear_problem()
+    one = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=1))
+    three = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=3))
+    t1, t3 = one.diagnostics["chain_mean_train_loss"], three.diagnostics["chain_mean_train_loss"]
+    assert t1[0] == t3[0]
+    assert t3[1] != t3[0]
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.drop(self.bn(self.lin(x))))
+
+
+def test_buffers_and_mode_restored_and_losses_evaluated_in_eval_mode():
+    _, train, query, *_ = _linear_problem()
+    torch.manual_seed(0)
+    model = _BatchNormNet().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen_modes = []
+
+    def loss_fn(m, batch):
+        seen_modes.append((torch.is_grad_enabled(), m.training))
+        return _sq_loss(m, batch)
+
+    cfg = _config(5, chains=2)
+    compute_bif(model, train, query, loss_fn=loss_fn, config=cfg)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"
+    assert model.training
+    # Evaluations (no grad) ran in eval mode; SGLD gradients (grad) in the model's own (train) mode.
+    assert {mode for grad, mode in seen_modes if not grad} == {False}
+    assert {mode for grad, mode in seen_modes if grad} == {True}
+
+
+def test_diverged_chain_is_reported_and_left_out():
+    model, train, query, *_ = _linear_problem()
+    calls = {"grad": 0}
+
+    def loss_fn(m, batch):
+        out = _sq_loss(m, batch)
+        if torch.is_grad_enabled():
+            calls["grad"] += 1
+            if calls["grad"] == 300:  # in chain 1 (each chain takes 200 + 3 × 19 = 257 steps)
+                out = out * float("nan")
+        return out
+
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(20, chains=3))
+    assert res.diagnostics["diverged"] == [False, True, False]
+    assert res.diagnostics["num_draws_used"] == 40
+    assert torch.isfinite(res.bif).all() and torch.isfinite(res.stderr).all()
+
+
+def test_every_chain_diverging_raises_with_diagnostics():
+    model, train, query, *_ = _linear_problem()
+    cfg = dataclasses.replace(_config(5, chains=2), sgld=SGLDConfig(lr=10.0, nbeta=1e8, localization=0.0))
+    with pytest.raises(BIFError, match="every chain diverged") as info:
+        compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
+    assert info.value.diagnostics["diverged"] == [True, True]
+    assert torch.equal(model.weight.detach(), model.weight.detach())  # still a usable model
+    assert torch.isfinite(model.weight).all()
+
+
+def _per_token_problem():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 5, D, generator=g)  # 10 sequences of 5 positions
+    y = torch.randn(10, 5, generator=g)
+    model = torch.nn.Linear(D, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.4, -0.8, 0.2]]))
+    return model, TensorDataset(x[:7], y[:7]), TensorDataset(x[7:], y[7:])
+
+
+def _token_loss(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(-1) - y).square()  # [B, T]
+
+
+def _seq_mean_loss(model, batch):
+    return _token_loss(model, batch).mean(dim=1)  # [B]
+
+
+def test_per_token_sums_equal_the_sequence_level_bif():
+    model, train, query = _per_token_problem()
+    cfg = dataclasses.replace(_config(40, chains=2), batch_size=7)
+    tok = compute_bif(model, train, query, loss_fn=_token_loss, config=cfg, per_token=True)
+    seq = compute_bif(model, train, query, loss_fn=_seq_mean_loss, config=cfg)
+    assert tok.bif.shape == (35, 15) and tok.train_index.shape == (35, 2)
+    assert tok.train_index[6].tolist() == [1, 1] and tok.query_index[-1].tolist() == [2, 4]
+    # Cov(mean_t l_it, mean_s phi_js) = (1/T²) Σ_ts Cov(l_it, phi_js); the chains are the same chains.
+    torch.testing.assert_close(tok.sequence_bif() / 25, seq.bif, rtol=1e-4, atol=1e-9)
+
+
+def test_per_token_ignored_positions_are_left_out():
+    model, train, query = _per_token_problem()
+
+    def loss_fn(m, batch):
+        out = _token_loss(m, batch)
+        out[:, -2:] = 0.0  # the last two positions are padding
+        return out
+
+    cfg = dataclasses.replace(_config(10, chains=1), batch_size=7)
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=cfg, per_token=True)
+    assert res.bif.shape == (7 * 3, 3 * 3)
+    assert res.train_index[:, 1].max() == 2 and res.stderr is None
+
+
+def test_save_load_round_trip(tmp_path):
+    model, train, query, *_ = _linear_problem()
+    res = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(10, chains=2))
+    res.save(tmp_path / "run")
+    back = BIFResult.load(tmp_path / "run")
+    assert torch.equal(back.bif, res.bif) and torch.equal(back.stderr, res.stderr)
+    assert back.config == res.config and back.diagnostics == res.diagnostics
+    vals, idx = back.topk(3)
+    assert vals.shape == idx.shape == (3, N_QUERY)
+    assert torch.equal(vals[0], back.bif_normalized.max(dim=0).values)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"train": TensorDataset(torch.zeros(0, D), torch.zeros(0))}, "train is empty"),
+        ({"loss_fn": lambda m, b: _sq_loss(m, b)[:, None].expand(-1, 2)}, "\\[B\\] per-sample losses"),
+        ({"loss_fn": lambda m, b: _sq_loss(m, b)[:-1]}, "returned"),
+        ({"loss_fn": lambda m, b: _sq_loss(m, b) * float("inf")}, "non-finite losses at w\\*"),
+        ({"config": {"num_draws": 5}}, "config must be a BIFConfig"),
+        ({"params": []}, "no parameters to sample"),
+    ],
+)
+def test_bad_input_raises(change, match):
+    model, train, query, *_ = _linear_problem()
+    kwargs = {"train": train, "query": query, "loss_fn": _sq_loss, "config": _config(3, chains=1)}
+    kwargs.update(change)
+    w = model.weight.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        compute_bif(model, kwargs.pop("train"), kwargs.pop("query"), **kwargs)
+    assert torch.equal(model.weight.detach(), w)
+
+
+def test_shuffling_loader_is_rejected():
+    model, train, query, *_ = _linear_problem()
+    with pytest.raises(ValueError, match="must not shuffle"):
+        compute_bif(model, DataLoader(train, shuffle=True), query, loss_fn=_sq_loss, config=_config(3, chains=1))
+
+
+@pytest.mark.parametrize("field,value", [("num_chains", 0), ("num_draws", 0), ("num_steps_bw_draws", 0),
+                                         ("batch_size", 0), ("cov_dtype", "float16")])  # fmt: skip
+def test_invalid_bif_config(field, value):
+    with pytest.raises(ValueError, match=f"BIFConfig.{field}"):
+        BIFConfig(**{field: value})
