@@ -247,11 +247,14 @@ def compute_bif(
         train (Dataset | DataLoader): training data; its order defines the rows.
         query (Dataset | DataLoader): query data; its order defines the columns.
         loss_fn (callable): ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses, or
-            ``Tensor[B, T]`` per-token losses with ``per_token=True`` (ignored positions return 0 and are
-            left out). The mean of the same function over an SGLD minibatch drives the sampler.
+            ``Tensor[B, T]`` per-token losses with ``per_token=True``. Ignored positions must return
+            exactly 0: the units are the positions whose loss at w* is non-zero. The mean of the same
+            function over an SGLD minibatch (over non-zero positions, per token) drives the sampler.
         config (BIFConfig | None): sampling and evaluation settings. Default: ``BIFConfig()``.
         per_token (bool): one unit per non-ignored token instead of per sample. Default: False.
-        sgld_data (Dataset | DataLoader | None): source of SGLD minibatches. Default: ``train``.
+        sgld_data (Dataset | DataLoader | None): source of SGLD minibatches. Default: ``train``, shuffled
+            by a generator seeded with (seed, chain). A DataLoader is iterated as given (its own order,
+            restarted for every chain).
         params (Sequence[Tensor] | None): parameters to sample; the rest stay at w*. Default: all
             parameters with ``requires_grad``.
         backend (str): sampler backend (``auto`` | ``triton`` | ``ext`` | ``torch``).
@@ -290,6 +293,11 @@ def compute_bif(
 
     was_training = model.training
     originals = [(p, p.data, p.grad) for p in sampled]
+    # Parameters left out of `params` stay at w*: no gradient is computed (or left behind) for them.
+    sampled_ids = {id(p) for p in sampled}
+    frozen = [(p, p.grad) for p in model.parameters() if p.requires_grad and id(p) not in sampled_ids]
+    for p, _ in frozen:
+        p.requires_grad_(False)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cov_dtype = getattr(torch, config.cov_dtype)
     t_start = time.perf_counter()
@@ -399,6 +407,9 @@ def compute_bif(
                 p_.grad = grad
             for b, saved in buffers:
                 b.copy_(saved)
+            for p_, grad in frozen:
+                p_.requires_grad_(True)
+                p_.grad = grad
         model.train(was_training)
 
 

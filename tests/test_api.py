@@ -261,3 +261,18 @@ def test_shuffling_loader_is_rejected():
 def test_invalid_bif_config(field, value):
     with pytest.raises(ValueError, match=f"BIFConfig.{field}"):
         BIFConfig(**{field: value})
+
+
+def test_parameters_outside_params_get_no_gradient_and_stay_put():
+    _, train, query, *_ = _linear_problem()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    head = [p.detach().clone() for p in model[2].parameters()]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return 0.5 * (m(x).squeeze(1) - y).square()
+
+    compute_bif(model, train, query, loss_fn=loss_fn, config=_config(5, chains=1), params=list(model[0].parameters()))
+    for p, h in zip(model[2].parameters(), head, strict=True):
+        assert torch.equal(p.detach(), h) and p.grad is None and p.requires_grad

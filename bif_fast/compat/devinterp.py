@@ -32,40 +32,33 @@ What devinterp's ``bif()`` computes, and so what this function computes:
 
 Argument mapping (devinterp -> bif_fast):
 
-====================================  =========================================================
-devinterp                             bif_fast
-====================================  =========================================================
-``lr``                                ``SGLDConfig.lr`` (must be > 0)
-``n_beta``                            ``SGLDConfig.nbeta`` (must be > 0); same parametrisation
-``localization`` (default 0.0)        ``SGLDConfig.localization``
-``llc_weight_decay``                  ``SGLDConfig.weight_decay``
-``noise_level``                       ``SGLDConfig.noise_level``
-``bounding_box_size``                 ``SGLDConfig.bounding_box_size`` (must be None or > 0)
-``sampling_method="sgmcmc_sgld"``     ``SGLDConfig(sampler="sgld", precondition="none")``
-``sampling_method="rmsprop_sgld"``    ``SGLDConfig(sampler="sgld", precondition="rmsprop")``
-``rmsprop_alpha`` / ``["alpha"]``     ``SGLDConfig.rmsprop_alpha`` (default 0.99 in both)
-``rmsprop_eps`` / ``["eps"]``         ``SGLDConfig.rmsprop_eps`` (default 0.1 in both)
-``num_chains``, ``num_draws``         ``BIFConfig.num_chains``, ``BIFConfig.num_draws``
-``num_burnin_steps``                  ``BIFConfig.num_burnin_steps = num_burnin_steps + 1``
-``num_steps_bw_draws``                ``BIFConfig.num_steps_bw_draws``
-``batch_size``                        observable evaluation batch; SGLD micro-batch
-``gradient_accumulation_steps`` G     ``BIFConfig.batch_size = G * batch_size`` (G consecutive
-                                      micro-batches form one step, as in devinterp)
-``init_seed``                         ``BIFConfig.seed`` and the minibatch order
-``shuffle``,                          reproduced exactly: every chain replays the first epoch of
-``match_sampling_input_ids_across_``  ``RandomSampler(generator seeded init_seed)`` (or of
-``chains``                            ``init_seed + chain`` when not matched), in micro-batches
-                                      of ``batch_size`` with the last partial one dropped
-``param_masks``                       ``compute_bif(params=...)``: the named parameters; the others
-                                      are frozen while sampling. Element masks must be all ones.
-``loss_fn(model, input_ids)``         wrapped into ``loss_fn(model, batch)``; per-token
-                                      (``per_token=True``) for ``"token"``, the mean over tokens
-                                      (per sample) for ``"sequence"``
-``device``                            the model is moved there for the call and moved back
-``correlation_method``,               computed from ``BIFResult.bif`` / ``bif_normalized``
-``compute_covariance``,               (negated, reshaped)
-``average_tokenwise_bif``
-====================================  =========================================================
+* ``lr`` -> ``SGLDConfig.lr`` (must be > 0); ``n_beta`` -> ``SGLDConfig.nbeta`` (must be > 0; the same
+  parametrisation: it multiplies the gradient of the *mean* minibatch loss).
+* ``localization`` (devinterp's default 0.0) -> ``SGLDConfig.localization``; ``llc_weight_decay`` ->
+  ``SGLDConfig.weight_decay``; ``noise_level`` -> ``SGLDConfig.noise_level``; ``bounding_box_size`` ->
+  ``SGLDConfig.bounding_box_size`` (must be None or > 0).
+* ``sampling_method="sgmcmc_sgld"`` -> ``SGLDConfig(sampler="sgld", precondition="none")``;
+  ``"rmsprop_sgld"`` -> ``precondition="rmsprop"``, with ``rmsprop_alpha`` /
+  ``sampling_method_kwargs["alpha"]`` -> ``SGLDConfig.rmsprop_alpha`` and ``rmsprop_eps`` /
+  ``sampling_method_kwargs["eps"]`` -> ``SGLDConfig.rmsprop_eps`` (defaults 0.99 and 0.1 in both).
+* ``num_chains``, ``num_draws``, ``num_steps_bw_draws`` -> the ``BIFConfig`` fields of the same name;
+  ``num_burnin_steps`` -> ``BIFConfig.num_burnin_steps = num_burnin_steps + 1`` (see below).
+* ``batch_size`` -> the SGLD micro-batch and the observable evaluation batch (``eval_batch_size``);
+  ``gradient_accumulation_steps`` G -> ``BIFConfig.batch_size = G * batch_size``, each step being G
+  consecutive micro-batches, as in devinterp.
+* ``init_seed`` -> ``BIFConfig.seed`` (must be >= 0) and the minibatch order.
+* ``shuffle``, ``match_sampling_input_ids_across_chains`` -> reproduced exactly: every chain replays
+  the first epoch of the ``DataLoader(dataset, batch_size, shuffle, drop_last=True)`` whose generator
+  is seeded with ``init_seed`` (``init_seed + chain`` when not matched), so each SGLD step sees the
+  same sequences as in devinterp.
+* ``param_masks`` -> ``compute_bif(params=...)``: only the named parameters are sampled; the others
+  are frozen (``requires_grad`` off) for the call. Element masks must be all ones.
+* ``loss_fn(model, input_ids) -> [B, L-1]`` -> wrapped into ``compute_bif``'s ``loss_fn(model, batch)``:
+  per token (``per_token=True``) for ``"token"``, the mean over tokens per sequence for ``"sequence"``
+  (the SGLD loss is the minibatch mean over all tokens either way, as in devinterp).
+* ``device`` -> the model is moved there for the call (default: CUDA if available) and moved back.
+* ``correlation_method``, ``compute_covariance``, ``average_tokenwise_bif`` -> read off
+  ``BIFResult.bif`` / ``bif_normalized`` (negated and reshaped).
 
 The schedule matches devinterp's: devinterp takes a draw *after* the SGLD step
 ``num_burnin_steps + d * num_steps_bw_draws`` (0-based), while ``compute_bif`` draws *before* stepping,
@@ -88,7 +81,7 @@ Deliberate differences:
   passes, so a stochastic forward pass would make them disagree); devinterp evaluates them in training
   mode. SGLD steps run in training mode in both. Models without dropout or batch norm are unaffected.
 * A chain whose loss or weights become non-finite is left out of the pooled estimate (with a warning);
-  devinterp stops such a chain and keeps its unwritten draws.
+  devinterp stops such a chain and correlates its unwritten draws (the sample store's fill values).
 * The default loss is the same next-token cross-entropy, in fp32: for a Hugging Face causal LM that
   ``bif_fast.losses.causal_lm`` supports it is computed fused (no ``[B, T, V]`` logits), otherwise from
   the logits. Covariances are accumulated in float64 and returned as float32.
@@ -300,7 +293,7 @@ def _sampled_params(model: torch.nn.Module, param_masks: Mapping[str, torch.Tens
     if param_masks is None:
         return list(named)
     if not isinstance(param_masks, Mapping):
-        raise ValueError(f"param_masks must be a dict of parameter name -> mask or None, got {type(param_masks).__name__}")
+        raise ValueError(f"param_masks must map parameter names to masks or None, got {type(param_masks).__name__}")
     for name, mask in param_masks.items():
         if name not in named:
             raise ValueError(f"param_masks names {name!r}, which is not a parameter of the model")
@@ -433,7 +426,8 @@ def bif(
     Returns:
         xarray.Dataset with ``influences`` (float32; ``(batch_1, batch_2, target_position,
         target_position_T)``, or ``(batch_1, batch_2)`` for ``"sequence"`` or averaged) and ``input_ids``
-        (int64, ``(batch, position)``).
+        (int64, ``(batch, position)``). Its attrs add ``engine="bif_fast"``, ``num_chains_used`` and
+        ``num_draws_used`` (diverged chains are left out).
 
     Raises:
         NotImplementedError: a devinterp option bif_fast does not support (named in the message).
@@ -459,11 +453,12 @@ def bif(
     if save_metrics:
         raise NotImplementedError("save_metrics=True: per-step SGLD metrics are not recorded (compute_bif's "
                                   "diagnostics have per-draw loss and distance traces)")  # fmt: skip
-    for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1), ("batch_size", batch_size, 1),
-                             ("num_burnin_steps", num_burnin_steps, 0), ("num_steps_bw_draws", num_steps_bw_draws, 1),
-                             ("num_init_loss_batches", num_init_loss_batches, 1), ("batches_per_draw", batches_per_draw, 1),
-                             ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
-                             ("bif_batch_size", bif_batch_size, 1), ("init_seed", init_seed, 0)):  # fmt: skip
+    minimum = {"num_chains": (num_chains, 1), "num_draws": (num_draws, 1), "batch_size": (batch_size, 1),
+               "num_burnin_steps": (num_burnin_steps, 0), "num_steps_bw_draws": (num_steps_bw_draws, 1),
+               "num_init_loss_batches": (num_init_loss_batches, 1), "batches_per_draw": (batches_per_draw, 1),
+               "gradient_accumulation_steps": (gradient_accumulation_steps, 1), "bif_batch_size": (bif_batch_size, 1),
+               "init_seed": (init_seed, 0)}  # fmt: skip
+    for name, (value, low) in minimum.items():
         _check_int(name, value, low)
     _check_int("obs_seed", obs_seed, -(2**63))
     for name, value in (("lr", lr), ("n_beta", n_beta)):
@@ -494,7 +489,7 @@ def bif(
     try:
         import xarray as xr
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("bif_fast.compat.devinterp returns an xarray.Dataset, as devinterp does; install xarray") from e
+        raise ImportError("bif_fast.compat.devinterp returns an xarray.Dataset: install xarray") from e
 
     per_token = correlation_method == "token"
     n_seq, n_tok = obs_ids.shape[0], seq_len - 1
@@ -530,26 +525,25 @@ def bif(
 
     # ---- devinterp's layout and sign ------------------------------------------------------------
     n_units = n_seq * n_tok if per_token else n_seq
-    if tuple(result.bif.shape) != (n_units, n_units):
-        raise RuntimeError(f"compute_bif returned {tuple(result.bif.shape)} units, expected {n_units}")  # pragma: no cover
-    if compute_covariance:
-        mat = -result.bif.double()
-    else:
-        mat = -result.bif_normalized.double()
+    if tuple(result.bif.shape) != (n_units, n_units):  # pragma: no cover - an internal invariant
+        raise RuntimeError(f"compute_bif returned {tuple(result.bif.shape)}, expected {n_units} units")
+    # One float32 copy (devinterp returns float32), negated in place: bif_fast holds -Cov / -Corr.
+    mat = (result.bif if compute_covariance else result.bif_normalized).to(torch.float32, copy=True).neg_()
+    if not compute_covariance:
         constant = result.bif_normalized.diagonal() == 0  # bif_fast's zero-variance rule gives 0; devinterp 0/0
         mat[constant, :] = math.nan
         mat[:, constant] = math.nan
     coords: dict[str, Any] = {"batch_1": torch.arange(n_seq).numpy(), "batch_2": torch.arange(n_seq).numpy()}
     dims: tuple[str, ...] = ("batch_1", "batch_2")
     if per_token:
-        mat = mat.reshape(n_seq, n_tok, n_seq, n_tok).permute(0, 2, 1, 3)
+        mat = mat.view(n_seq, n_tok, n_seq, n_tok).permute(0, 2, 1, 3)  # units are (sequence, token), row-major
         if average_tokenwise_bif:
-            mat = mat.mean(dim=(-1, -2))
+            mat = mat.mean(dim=(-1, -2), dtype=torch.float64).float()
         else:
             dims += ("target_position", "target_position_T")
             coords["target_position"] = torch.arange(1, n_tok + 1).numpy()
             coords["target_position_T"] = torch.arange(1, n_tok + 1).numpy()
-    out = xr.DataArray(mat.float().cpu().contiguous().numpy(), name="influences", dims=dims, coords=coords).to_dataset()
+    out = xr.DataArray(mat.cpu().contiguous().numpy(), name="influences", dims=dims, coords=coords).to_dataset()
     out["input_ids"] = xr.DataArray(obs_ids.numpy(), dims=("batch", "position"))
     diag = result.diagnostics
     if any(diag["diverged"]):
