@@ -51,6 +51,27 @@ def test_equals_the_loss_from_the_models_own_logits(backend):
     assert (out[targets == -100] == 0).all() and (out[targets != -100] > 0).all()
 
 
+def _tiny(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_other_architectures(arch):
+    model = _tiny(arch)
+    ids, mask = _batch()
+    out = causal_lm(model, backend="torch")(model, {"input_ids": ids, "attention_mask": mask})
+    ref, _ = _reference(model, ids, mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_formats_and_gradients():
     model = _tiny_neox()
     ids, mask = _batch()
