@@ -1,7 +1,8 @@
 """Backend selection for every op: ``auto`` | ``triton`` | ``ext`` | ``torch``.
 
-``auto`` resolves per op and device: Triton kernels for CUDA tensors (or on CPU under
-``TRITON_INTERPRET=1``), the compiled extension where it is built, else the pure-torch reference. An
+``auto`` resolves per op and device: Triton kernels for CUDA tensors, the compiled extension where it
+is built (the CPU sampler step, the covariance on either device), else the pure-torch reference.
+Triton on CPU tensors (the interpreter, ``TRITON_INTERPRET=1``) runs only when asked for by name. An
 automatic fallback warns once with its reason; an explicit request for an unavailable backend raises
 ``RuntimeError`` with that reason. ``BIF_FAST_BACKEND`` overrides the requested backend of every op.
 """
@@ -97,7 +98,7 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
     requested = os.environ.get("BIF_FAST_BACKEND", requested) or "auto"
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}")
-    fast = _candidates(op, device)
+    fast = _candidates(op, device, requested)
     if requested != "auto":
         if requested != "torch" and requested not in fast:
             raise RuntimeError(f"op {op} has no {requested} backend; it has {', '.join(fast)} and torch")
@@ -110,18 +111,18 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
         reason = _unavailable_reason(backend, device, op)
         if reason is None:
             return backend
-        # Triton on the CPU is only the test interpreter: its absence there is not worth a warning.
-        if not (backend == "triton" and device.type == "cpu"):
-            reasons.append(reason)
+        reasons.append(reason)
     if reasons:
         _warn_once(op, "; ".join(reasons))
     return "torch"
 
 
-def _candidates(op: str, device: torch.device) -> tuple[str, ...]:
+def _candidates(op: str, device: torch.device, requested: str = "auto") -> tuple[str, ...]:
     fast = _OP_FAST_BACKENDS[op]
-    if device.type == "cpu":
-        fast = tuple(sorted(fast, key=lambda b: b != "ext"))
+    if device.type == "cpu" and requested == "auto":
+        # Triton on CPU tensors is the interpreter, a debugging and test tool far slower than the torch
+        # reference: `auto` never picks it; backend="triton" (with TRITON_INTERPRET=1) still does.
+        fast = tuple(b for b in fast if b != "triton")
     return fast
 
 
@@ -143,6 +144,7 @@ def available_backends() -> dict[str, dict[str, str]]:
             device = torch.device(dev)
             reasons = {b: _unavailable_reason(b, device, op) for b in _candidates(op, device)}
             usable = [b for b, r in reasons.items() if r is None]
-            row[dev] = usable[0] if usable else "torch (" + "; ".join(r for r in reasons.values() if r) + ")"
+            why = "; ".join(r for r in reasons.values() if r) or "its fast path is a CUDA kernel"
+            row[dev] = usable[0] if usable else f"torch ({why})"
         out[op] = row
     return out

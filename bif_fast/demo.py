@@ -14,6 +14,7 @@ The demo draws exact posterior samples, streams the per-sample train and query l
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -211,7 +212,7 @@ def run_lm_demo(
     cfg = BIFConfig(
         sgld=SGLDConfig(lr=1e-4, nbeta=float(n_tokens), localization=300.0, precondition="rmsprop"),
         num_chains=num_chains, num_draws=num_draws, num_burnin_steps=20, num_steps_bw_draws=2,
-        batch_size=16, eval_batch_size=64, seed=seed, progress=not quiet,
+        batch_size=16, eval_batch_size=64, seed=seed, progress=not quiet and sys.stderr.isatty(),
     )  # fmt: skip
     say(f"computing the per-token BIF: {num_chains} chains x {num_draws} draws, RMSprop-SGLD on attention weights")
     t1 = time.perf_counter()
