@@ -225,18 +225,17 @@ class SGLD(torch.optim.Optimizer):
         self.diverged_flag.zero_()
         self._init_state()
 
-    def anchor_of(self, p: torch.Tensor) -> torch.Tensor:
-        """w* of parameter ``p`` (a view into the optimizer's anchor buffer)."""
+    def _view_of(self, p: torch.Tensor, buffer: str) -> torch.Tensor:
         for seg in self._segments:
             for q, s in zip(seg.params, seg.starts, strict=True):
                 if q is p:
-                    return seg.anchor[s : s + p.numel()].view_as(p)
+                    return getattr(seg, buffer)[s : s + p.numel()].view_as(p)
         raise ValueError("p is not sampled by this optimizer")
+
+    def anchor_of(self, p: torch.Tensor) -> torch.Tensor:
+        """w* of parameter ``p`` (a view into the optimizer's anchor buffer)."""
+        return self._view_of(p, "anchor")
 
     def master_of(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master value of parameter ``p`` (``p`` itself when it is fp32)."""
-        for seg in self._segments:
-            for q, s in zip(seg.params, seg.starts, strict=True):
-                if q is p:
-                    return seg.master[s : s + p.numel()].view_as(p)
-        raise ValueError("p is not sampled by this optimizer")
+        return self._view_of(p, "master")

@@ -20,6 +20,18 @@ __all__ = ["per_token_cross_entropy_fwd_triton", "cross_entropy_from_logits_fwd_
 
 
 @triton.jit
+def _online_lse(m, s, tlogit, z, cols, tgt, rmask):
+    """Fold a [BLOCK_N, BLOCK_V] tile of logits z into the running max m, rescaled sum s and target
+    logit of each row (columns past V hold -inf)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    # Rows past N may hold only -inf: keep their max finite so no NaN is formed (they are not stored).
+    m_new = tl.where(rmask, m_new, 0.0)
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    tlogit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    return m_new, s, tlogit
+
+
+@triton.jit
 def _per_token_ce_fwd_kernel(
     h_ptr,  # [N, H] hidden states, row stride stride_hn
     w_ptr,  # [V, H] lm_head weight, row stride stride_wv
@@ -62,11 +74,8 @@ def _per_token_ce_fwd_kernel(
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(cmask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
-        m_new = tl.maximum(m, tl.max(acc, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
-        m = m_new
-        tlogit += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), axis=1)
-    lse = m + tl.log(s)
+        m, s, tlogit = _online_lse(m, s, tlogit, acc, cols, tgt, rmask)
+    lse = m + tl.log(tl.where(rmask, s, 1.0))
     loss = tl.where(tgt != ignore_index, lse - tlogit, 0.0)
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(lse_ptr + rows, lse, mask=rmask)
@@ -96,12 +105,7 @@ def _ce_from_logits_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         mask = rmask[:, None] & (cols < V)[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        # Rows past N hold only -inf: keep their max finite so no NaN is formed (they are not stored).
-        m_new = tl.where(rmask, m_new, 0.0)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-        tlogit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m, s, tlogit = _online_lse(m, s, tlogit, z, cols, tgt, rmask)
     lse = m + tl.log(tl.where(rmask, s, 1.0))
     loss = tl.where(tgt != ignore_index, lse - tlogit, 0.0)
     tl.store(loss_ptr + rows, loss, mask=rmask)
