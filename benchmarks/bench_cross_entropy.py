@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, run_child, write_rows  # noqa: E402
+from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
 BF16_PEAK_TFLOPS = 790.0
 
@@ -75,6 +75,7 @@ def _child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_cuda = torch.cuda.memory_allocated()
+        reset_peak_rss()
         base = current_rss_mb()
         hidden.grad = weight.grad = None
         times.append(_run_once(args.provider, args.mode, hidden, weight, targets, args.device))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, run_child, write_rows  # noqa: E402
+from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
 PROVIDERS = ["generate-only", "bif_fast", "bif_fast-torch", "store+cross-gemm", "devinterp-style"]
 
@@ -102,6 +102,7 @@ def _child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    reset_peak_rss()
     base_rss = current_rss_mb()
     t0 = time.perf_counter()
     out = run_provider(args.provider, args.n, args.p, args.draws, args.k, device, dtype)

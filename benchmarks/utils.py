@@ -38,8 +38,25 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cpu, {torch.get_num_threads()} threads"
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's resident-memory high-water mark (Linux: ``clear_refs`` 5), so a peak read
+    later is this measurement's own and not, e.g., a parent's carried over the fork."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory, in MB (Linux reports KiB)."""
+    """High-water mark of this process's resident memory in MB (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -219,11 +219,11 @@ def _batch_len(batch: Any) -> int | None:
     return None
 
 
-def _evaluate(model, loader, loss_fn, device, per_token, name) -> list[torch.Tensor]:
+def _evaluate(model, batches: list, loss_fn, per_token, name) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
-        for batch in loader:
-            out = loss_fn(model, _to_device(batch, device))
+        for batch in batches:
+            out = loss_fn(model, batch)
             outs.append(_check_loss(out, _batch_len(batch), per_token, name).float())
     return outs
 
@@ -304,8 +304,11 @@ def compute_bif(
     try:
         model.eval()
         train_units, query_units = _Units(per_token), _Units(per_token)
-        outs_train = _evaluate(model, train_loader, loss_fn, device, per_token, "train")
-        outs_query = _evaluate(model, query_loader, loss_fn, device, per_token, "query")
+        # The evaluation batches are the same at every draw: collate them once, on the model's device.
+        train_batches = [_to_device(b, device) for b in train_loader]
+        query_batches = [_to_device(b, device) for b in query_loader]
+        outs_train = _evaluate(model, train_batches, loss_fn, per_token, "train")
+        outs_query = _evaluate(model, query_batches, loss_fn, per_token, "query")
         train_units.discover(outs_train, "train")
         query_units.discover(outs_query, "query")
         x0, y0 = train_units.gather(outs_train), query_units.gather(outs_query)
@@ -339,8 +342,8 @@ def compute_bif(
             filled = 0
             for d in range(config.num_draws):
                 model.eval()
-                xbuf[filled] = train_units.gather(_evaluate(model, train_loader, loss_fn, device, per_token, "train"))
-                ybuf[filled] = query_units.gather(_evaluate(model, query_loader, loss_fn, device, per_token, "query"))
+                xbuf[filled] = train_units.gather(_evaluate(model, train_batches, loss_fn, per_token, "train"))
+                ybuf[filled] = query_units.gather(_evaluate(model, query_batches, loss_fn, per_token, "query"))
                 traces[c, d] = xbuf[filled].mean()
                 distance[c, d] = _rms_distance(opt)
                 filled += 1
@@ -385,14 +388,19 @@ def compute_bif(
         }
         if pooled.count < 2:
             raise BIFError(f"every chain diverged ({sum(diverged)} of {config.num_chains}); no BIF", diagnostics)
+        # Build the outputs in place, so the peak stays at the accumulators' own n x p matrices.
+        del chain_acc
         stderr = None
         if stderr_on and survivors >= 2:
-            mean = s1 / survivors
-            var = (s2 / survivors - mean.square()).clamp_min_(0) * (survivors / (survivors - 1))
-            stderr = (var / survivors).sqrt_()
+            mean = s1.div_(survivors)
+            var = s2.div_(survivors).sub_(mean.square_()).clamp_min_(0).mul_(survivors / (survivors - 1))
+            stderr = var.div_(survivors).sqrt_()
+        del s1
+        bif_normalized = pooled.correlation().neg_()
+        bif = pooled._comoment.div_(pooled.count - 1).neg_()  # the pooled accumulator is not used again
         return BIFResult(
-            bif=pooled.covariance().neg_(),
-            bif_normalized=pooled.correlation().neg_(),
+            bif=bif,
+            bif_normalized=bif_normalized,
             stderr=stderr,
             diagnostics=diagnostics,
             config=config,
