@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from bif_fast.config import BIFConfig
 from bif_fast.ops import RunningCrossCovariance
@@ -153,13 +153,22 @@ def _eval_loader(data: Any, batch_size: int, name: str) -> Iterable:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _sgld_batches(data: Any, batch_size: int, seed: int, chain: int) -> Iterator:
+def _sgld_batches(data: Any, batch_size: int, seed: int, chain: int, device: torch.device) -> Iterator:
     """Endless minibatches; the order is a function of (seed, chain) only."""
     if isinstance(data, DataLoader):
         while True:
             yield from data
     gen = torch.Generator().manual_seed((seed * 1_000_003 + chain * 7_919) % 2**63)
-    loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, generator=gen, drop_last=True)
+    bs = min(batch_size, len(data))
+    if isinstance(data, TensorDataset):
+        # Tensors already stacked: index whole minibatches on the device instead of collating items.
+        tensors = [t.to(device) for t in data.tensors]
+        while True:
+            perm = torch.randperm(len(data), generator=gen).to(device)
+            for i in range(len(data) // bs):
+                idx = perm[i * bs : (i + 1) * bs]
+                yield [t[idx] for t in tensors]
+    loader = DataLoader(data, batch_size=bs, shuffle=True, generator=gen, drop_last=True)
     while True:
         yield from loader
 
@@ -337,7 +346,7 @@ def compute_bif(
                 b.copy_(saved)
             if chain_acc is not pooled:
                 chain_acc.reset()
-            batches = _sgld_batches(sgld_source, config.batch_size, config.seed, c)
+            batches = _sgld_batches(sgld_source, config.batch_size, config.seed, c, device)
             _sgld_steps(model, opt, loss_fn, batches, device, config.num_burnin_steps, was_training, per_token)
             filled = 0
             for d in range(config.num_draws):
