@@ -116,8 +116,10 @@ MEM = "peak_rss_above_base_mb"
 
 def _mlp(d_in: int = 24, classes: int = 10) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(d_in, 128), torch.nn.GELU(),
-        torch.nn.Linear(128, 48), torch.nn.GELU(),
+        torch.nn.Linear(d_in, 128),
+        torch.nn.GELU(),
+        torch.nn.Linear(128, 48),
+        torch.nn.GELU(),
         torch.nn.Linear(48, classes),
     )
 

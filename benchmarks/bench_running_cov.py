@@ -161,11 +161,15 @@ def main() -> None:
             print(f"  run {rep + 1} {provider:<18} {res['seconds']:8.2f} s  +{res['peak_rss_above_base_mb']:8.0f} MB")
 
     mem_key = "peak_cuda_above_base_mb" if args.device == "cuda" else "peak_rss_above_base_mb"
-    summary = {p: (quantiles([r["seconds"] for r in rs]), quantiles([r[mem_key] for r in rs])) for p, rs in results.items()}
+    summary = {
+        p: (quantiles([r["seconds"] for r in rs]), quantiles([r[mem_key] for r in rs])) for p, rs in results.items()
+    }
     base_t = summary.get("devinterp-style", (None,))[0]
     base_m = summary.get("devinterp-style", (None, None))[1]
     rows = []
-    print(f"\n{'provider':<18} {'median s':>9} {'peak MB':>9} {'time ratio':>11} {'mem ratio':>10}  (vs devinterp-style)")
+    print(
+        f"\n{'provider':<18} {'median s':>9} {'peak MB':>9} {'time ratio':>11} {'mem ratio':>10}  (vs devinterp-style)"
+    )
     for provider, ((t50, t20, t80), (m50, m20, m80)) in summary.items():
         tr = f"{base_t[0] / t50:.1f}x" if base_t else "-"
         mr = f"{base_m[0] / max(m50, 1.0):.0f}x" if base_m else "-"
@@ -175,7 +179,9 @@ def main() -> None:
         rows.append({**common, "metric": "peak_mem_above_base", "unit": "MB", "p50": m50, "p20": m20, "p80": m80})
         if base_t and provider != "devinterp-style":
             rows.append({**common, "metric": "speedup_vs_devinterp-style", "unit": "x", "p50": base_t[0] / t50})
-            rows.append({**common, "metric": "mem_ratio_vs_devinterp-style", "unit": "x", "p50": base_m[0] / max(m50, 1.0)})
+            rows.append(
+                {**common, "metric": "mem_ratio_vs_devinterp-style", "unit": "x", "p50": base_m[0] / max(m50, 1.0)}
+            )
     if args.device == "cuda" and "bif_fast" in summary:
         updates = -(-args.draws // args.k)
         nbytes = 2 * args.n * args.p * torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()

@@ -97,7 +97,9 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
     device = torch.device(device)
     requested = os.environ.get("BIF_FAST_BACKEND", requested) or "auto"
     if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}")
+        raise ValueError(
+            f"unknown backend {requested!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}"
+        )
     fast = _candidates(op, device, requested)
     if requested != "auto":
         if requested != "torch" and requested not in fast:

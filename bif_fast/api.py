@@ -105,7 +105,9 @@ class BIFResult:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._tensor_names if getattr(self, n) is not None}
+        tensors = {
+            n: getattr(self, n).detach().cpu().contiguous() for n in self._tensor_names if getattr(self, n) is not None
+        }
         save_file(tensors, str(path / "tensors.safetensors"))
         meta = {"config": self.config.to_dict(), "diagnostics": self.diagnostics, "per_token": self.per_token}
         (path / "result.json").write_text(json.dumps(meta, indent=1))
@@ -144,7 +146,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def _eval_loader(data: Any, batch_size: int, name: str) -> Iterable:
     if isinstance(data, DataLoader):
         if isinstance(data.sampler, RandomSampler):
-            raise ValueError(f"{name} is a shuffling DataLoader; its order defines the BIF's axes, so it must not shuffle")
+            raise ValueError(
+                f"{name} is a shuffling DataLoader; its order defines the BIF's axes, so it must not shuffle"
+            )
         return data
     if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
         raise ValueError(f"{name} must be a torch Dataset or a non-shuffling DataLoader, got {type(data).__name__}")
@@ -360,10 +364,14 @@ def compute_bif(
                     chain_acc.update(xbuf[:filled], ybuf[:filled], check_finite=False)
                     filled = 0
                 if d < config.num_draws - 1:
-                    _sgld_steps(model, opt, loss_fn, batches, device, config.num_steps_bw_draws, was_training, per_token)
+                    _sgld_steps(
+                        model, opt, loss_fn, batches, device, config.num_steps_bw_draws, was_training, per_token
+                    )
                 if bar is not None:
                     bar.update(1)
-            bad = opt.diverged or not bool(torch.isfinite(chain_acc._mean_x).all() & torch.isfinite(chain_acc._mean_y).all())
+            bad = opt.diverged or not bool(
+                torch.isfinite(chain_acc._mean_x).all() & torch.isfinite(chain_acc._mean_y).all()
+            )
             diverged.append(bad)
             chain_seconds.append(time.perf_counter() - t_chain)
             if bad:
@@ -464,4 +472,3 @@ def _progress(config: BIFConfig):
     except ImportError:
         return None
     return tqdm(total=config.total_draws, desc="bif_fast draws", unit="draw")
-

@@ -450,7 +450,9 @@ class _CrossEntropyFromLogits(torch.autograd.Function):
         return cross_entropy_from_logits_bwd(grad_loss, logits, targets, lse, ctx.ignore_index), None, None, None
 
 
-def _check_targets(targets: Any, shape: tuple[int, ...], device: torch.device, vocab: int, ignore_index: int, validate: bool) -> None:
+def _check_targets(
+    targets: Any, shape: tuple[int, ...], device: torch.device, vocab: int, ignore_index: int, validate: bool
+) -> None:
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -463,7 +465,9 @@ def _check_targets(targets: Any, shape: tuple[int, ...], device: torch.device, v
         bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
         if bool(bad.any()):
             first = targets[bad][0].item()
-            raise ValueError(f"target {first} is out of range for a vocabulary of {vocab} (ignore_index={ignore_index})")
+            raise ValueError(
+                f"target {first} is out of range for a vocabulary of {vocab} (ignore_index={ignore_index})"
+            )
 
 
 def per_token_cross_entropy(
@@ -508,7 +512,9 @@ def per_token_cross_entropy(
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor")
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden [..., H] and weight [V, H] must agree on H, got {list(hidden.shape)} and {list(weight.shape)}")
+        raise ValueError(
+            f"hidden [..., H] and weight [V, H] must agree on H, got {list(hidden.shape)} and {list(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary")
     if hidden.dtype != weight.dtype:

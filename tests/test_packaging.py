@@ -41,9 +41,10 @@ def test_demo_matches_the_closed_form():
 
 
 def test_linear_demo_command_runs():
-    out = subprocess.run([sys.executable, "-m", "bif_fast", "demo", "--linear"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bif_fast", "demo", "--linear"], capture_output=True, text=True, check=True
+    )
     assert "closed form" in out.stdout
-
 
 
 def test_readme_python_examples_run(tmp_path):

@@ -96,10 +96,10 @@ def _run_chain(model, opt, steps: int, data_seed: int = 0) -> list[torch.Tensor]
 
 
 CFG = SGLDConfig(lr=1e-3, nbeta=50.0, localization=10.0)
+RULES = [CFG, dataclasses.replace(CFG, precondition="rmsprop"), dataclasses.replace(CFG, sampler="baoab")]
 
 
-@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, precondition="rmsprop"),
-                                 dataclasses.replace(CFG, sampler="baoab")], ids=["sgld", "rmsprop", "baoab"])  # fmt: skip
+@pytest.mark.parametrize("cfg", RULES, ids=["sgld", "rmsprop", "baoab"])
 def test_same_seed_same_chain_is_bitwise_reproducible(cfg):
     runs = []
     for chain in (0, 0, 1):
@@ -111,8 +111,7 @@ def test_same_seed_same_chain_is_bitwise_reproducible(cfg):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, precondition="rmsprop"),
-                                 dataclasses.replace(CFG, sampler="baoab")], ids=["sgld", "rmsprop", "baoab"])  # fmt: skip
+@pytest.mark.parametrize("cfg", RULES, ids=["sgld", "rmsprop", "baoab"])
 def test_triton_and_torch_backends_give_the_same_chain(cfg):
     trajs = []
     for backend in ("triton", "torch"):

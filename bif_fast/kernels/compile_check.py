@@ -61,7 +61,7 @@ def _compile(fn, signature, constexprs, target, num_warps: int = 4):
     from triton.compiler import ASTSource
 
     sig = dict(signature)
-    for name, value in constexprs.items():
+    for name in constexprs:
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=target, options={"num_warps": num_warps})

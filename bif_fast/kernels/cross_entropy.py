@@ -65,8 +65,12 @@ def _per_token_ce_fwd_kernel(
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)  # [BLOCK_H]
             kmask = ks < H
-            hb = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wb = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            hb = tl.load(
+                h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
+            wb = tl.load(
+                w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+            )
             if UPCAST:
                 acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision="ieee")
             else:

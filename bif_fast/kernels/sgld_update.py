@@ -105,7 +105,7 @@ def _sgld_update_fwd_kernel(
     w = tl.load(w_ptr + idx, mask=mask, other=0.0)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOISE:
+    if HAS_NOISE:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
         xi = tl.load(noise_ptr + idx, mask=mask, other=0.0)
     else:
         xi = _normal4(seed, chain, step, groups)

@@ -13,7 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bif_fast import cross_entropy_from_logits, per_token_cross_entropy
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")])]
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
+]
 SHAPES = [(1, 16, 1), (37, 64, 7), (130, 48, 1), (33, 96, 50_277), (70, 20, 300)]
 
 
@@ -57,7 +60,9 @@ def test_gradients_match_float64_autograd(backend, n, h, v):
     ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight, b)]
     _ref64(*ref_leaves, targets).backward(upstream.double())
     for name, ours, ref in zip(("d_hidden", "d_weight", "d_bias"), leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # Ignored tokens get no gradient.
     assert (leaves[0].grad[targets == -100] == 0).all()
 
@@ -164,7 +169,9 @@ def test_bad_input_raises(kwargs, match):
     args = {"hidden": torch.randn(3, 4), "weight": torch.randn(7, 4), "targets": torch.tensor([0, 1, 6])}
     args.update({k: v for k, v in kwargs.items() if k != "bias"})
     with pytest.raises(ValueError, match=match):
-        per_token_cross_entropy(args["hidden"], args["weight"], args["targets"], bias=kwargs.get("bias"), backend="torch")
+        per_token_cross_entropy(
+            args["hidden"], args["weight"], args["targets"], bias=kwargs.get("bias"), backend="torch"
+        )
 
 
 def test_from_logits_bad_input_raises():

@@ -305,7 +305,9 @@ def test_direct_extension_call_checks_arguments():
     with pytest.raises(ValueError, match="x.size\\(1\\) must be 4"):
         _C.running_cov_update_(*state, 0, torch.zeros(2, 5), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="float32 or float64"):
-        _C.running_cov_update_(torch.zeros(4, 3, dtype=torch.float16), *state[1:], 0, torch.zeros(2, 4), torch.zeros(2, 3))
+        _C.running_cov_update_(
+            torch.zeros(4, 3, dtype=torch.float16), *state[1:], 0, torch.zeros(2, 4), torch.zeros(2, 3)
+        )
 
 
 @pytest.mark.cuda
