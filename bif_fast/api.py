@@ -304,7 +304,6 @@ def compute_bif(
     if not isinstance(sgld_source, DataLoader) and len(sgld_source) == 0:
         raise ValueError("sgld_data is empty")
 
-    was_training = model.training
     originals = [(p, p.data, p.grad) for p in sampled]
     # Parameters left out of `params` stay at w*: no gradient is computed (or left behind) for them.
     sampled_ids = {id(p) for p in sampled}
@@ -314,8 +313,9 @@ def compute_bif(
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cov_dtype = getattr(torch, config.cov_dtype)
     t_start = time.perf_counter()
+    modes = _Modes(model)
     try:
-        model.eval()
+        modes.eval()
         train_units, query_units = _Units(per_token), _Units(per_token)
         # The evaluation batches are the same at every draw: collate them once, on the model's device.
         train_batches = [_to_device(b, device) for b in train_loader]
@@ -351,10 +351,10 @@ def compute_bif(
             if chain_acc is not pooled:
                 chain_acc.reset()
             batches = _sgld_batches(sgld_source, config.batch_size, config.seed, c, device)
-            _sgld_steps(model, opt, loss_fn, batches, device, config.num_burnin_steps, was_training, per_token)
+            _sgld_steps(model, opt, loss_fn, batches, device, config.num_burnin_steps, modes, per_token)
             filled = 0
             for d in range(config.num_draws):
-                model.eval()
+                modes.eval()
                 xbuf[filled] = train_units.gather(_evaluate(model, train_batches, loss_fn, per_token, "train"))
                 ybuf[filled] = query_units.gather(_evaluate(model, query_batches, loss_fn, per_token, "query"))
                 traces[c, d] = xbuf[filled].mean()
@@ -364,9 +364,7 @@ def compute_bif(
                     chain_acc.update(xbuf[:filled], ybuf[:filled], check_finite=False)
                     filled = 0
                 if d < config.num_draws - 1:
-                    _sgld_steps(
-                        model, opt, loss_fn, batches, device, config.num_steps_bw_draws, was_training, per_token
-                    )
+                    _sgld_steps(model, opt, loss_fn, batches, device, config.num_steps_bw_draws, modes, per_token)
                 if bar is not None:
                     bar.update(1)
             bad = opt.diverged or not bool(
@@ -435,13 +433,13 @@ def compute_bif(
             for p_, grad in frozen:
                 p_.requires_grad_(True)
                 p_.grad = grad
-        model.train(was_training)
+        modes.restore()
 
 
-def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, was_training: bool, per_token: bool) -> None:
+def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, modes: _Modes, per_token: bool) -> None:
     if steps == 0:
         return
-    model.train(was_training)
+    modes.restore()
     for _ in range(steps):
         batch = _to_device(next(batches), device)
         opt.zero_grad()
@@ -453,6 +451,27 @@ def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, was_trai
             loss = out.mean()
         loss.backward()
         opt.step()
+
+
+class _Modes:
+    """Switches a model between eval mode (loss evaluations) and its own configuration (SGLD steps),
+    restoring every submodule's own flag, and skipping switches to the mode it is already in."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.own = [(m, m.training) for m in model.modules()]
+        self.current: str | None = None
+
+    def eval(self) -> None:
+        if self.current != "eval":
+            self.model.eval()
+            self.current = "eval"
+
+    def restore(self) -> None:
+        if self.current != "own":
+            for m, training in self.own:
+                m.training = training
+            self.current = "own"
 
 
 def _rms_distance(opt: SGLD) -> torch.Tensor:

@@ -68,7 +68,7 @@ void noise_groups(uint64_t seed, uint32_t chain, uint32_t step, int64_t g0, int6
   }
 }
 
-constexpr int64_t kChunkGroups = 2048;
+constexpr int64_t kChunkGroups = 8192;  // 32K elements: one chunk (and few ATen calls) for small models
 
 struct Coefs {
   float half_lr, lr, nbeta, localization, weight_decay, noise_level, noise_scale, alpha, one_minus_alpha, eps, kick,

@@ -276,3 +276,23 @@ def test_parameters_outside_params_get_no_gradient_and_stay_put():
     compute_bif(model, train, query, loss_fn=loss_fn, config=_config(5, chains=1), params=list(model[0].parameters()))
     for p, h in zip(model[2].parameters(), head, strict=True):
         assert torch.equal(p.detach(), h) and p.grad is None and p.requires_grad
+
+
+def test_mixed_submodule_modes_are_kept_for_sgld_and_restored():
+    """A train-mode model with a frozen (eval-mode) BatchNorm: SGLD steps see exactly that configuration."""
+    _, train, query, *_ = _linear_problem()
+    torch.manual_seed(0)
+    model = _BatchNormNet().train()
+    model.bn.eval()
+    seen = set()
+
+    def loss_fn(m, batch):
+        if torch.is_grad_enabled():
+            seen.add((m.training, m.bn.training, m.drop.training))
+        return _sq_loss(m, batch)
+
+    cfg = dataclasses.replace(_config(4, chains=2), sgld=SGLDConfig(lr=1e-3, nbeta=NBETA, localization=LOC))
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=cfg)
+    assert res.diagnostics["diverged"] == [False, False]
+    assert seen == {(True, False, True)}
+    assert model.training and not model.bn.training and model.drop.training
