@@ -103,7 +103,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, run_child, write_rows  # noqa: E402
+from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
 PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
@@ -375,28 +375,6 @@ def _warm_spec(spec: dict) -> dict:
     return {**spec, "n_train": bs, "n_query": bs, "chains": 2, "draws": 3}
 
 
-def _reset_peak() -> None:
-    """Reset the kernel's resident-memory high-water mark (Linux >= 4.0); harmless where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float:
-    """This process's resident high-water mark in MB: VmHWM where Linux has it. (``getrusage``'s ru_maxrss
-    also counts the parent's resident set at fork/exec, which here exceeds a child's baseline.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return peak_rss_mb()
-
-
 def _child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     import bif_fast  # noqa: F401  (imports are part of the baseline)
@@ -413,14 +391,14 @@ def _child(spec: dict) -> None:
         prob = build(spec)
         fingerprint = _fingerprint(prob)
         gc.collect()
-        _reset_peak()
+        reset_peak_rss()
         base = current_rss_mb()
         t0 = time.perf_counter()
         mark = {}
 
         def stop() -> None:
             mark["seconds"] = time.perf_counter() - t0
-            mark["peak"] = _peak_mb() - base
+            mark["peak"] = peak_rss_mb() - base
 
         mats = _run(prob, spec, workdir, timed=stop)
         if "seconds" not in mark:
