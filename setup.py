@@ -94,8 +94,9 @@ def _extensions(build_ext_mode: str):
     debug = os.environ.get("DEBUG", "0") == "1"
     # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 or C++20).
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    # -fno-math-errno lets sqrtf inline (results unchanged); OpenMP makes at::parallel_for parallel.
-    cxx_flags += ["-fno-math-errno"]
+    # -fno-math-errno lets sqrtf inline (results unchanged); -ffp-contract=off keeps a*b+c two roundings, as in
+    # the torch and Triton twins, also in the AVX2 clones; OpenMP makes at::parallel_for parallel.
+    cxx_flags += ["-fno-math-errno", "-ffp-contract=off"]
     link_flags: list[str] = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
