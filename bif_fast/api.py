@@ -199,10 +199,17 @@ class _Units:
         if self.n == 0:
             raise ValueError(f"{name} has no units to attribute (every per-token loss is 0, i.e. ignored)")
 
-    def gather(self, outs: list[torch.Tensor]) -> torch.Tensor:
+    def gather(self, outs: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The units of one evaluation as one vector, written into ``out`` when given."""
         if not self.per_token:
-            return torch.cat(outs)
-        return torch.cat([o.reshape(-1)[i] for o, i in zip(outs, self.flat_index, strict=True)])
+            return torch.cat(outs) if out is None else torch.cat(outs, out=out)
+        if out is None:
+            return torch.cat([o.reshape(-1)[i] for o, i in zip(outs, self.flat_index, strict=True)])
+        start = 0
+        for o, i in zip(outs, self.flat_index, strict=True):
+            torch.index_select(o.reshape(-1), 0, i, out=out[start : start + i.numel()])
+            start += i.numel()
+        return out
 
     @property
     def index(self) -> torch.Tensor | None:
@@ -232,12 +239,16 @@ def _batch_len(batch: Any) -> int | None:
     return None
 
 
-def _evaluate(model, batches: list, loss_fn, per_token, name) -> list[torch.Tensor]:
+def _evaluate(model, batches: list, loss_fn, per_token, name, check: bool = True) -> list[torch.Tensor]:
+    """Losses of every batch, float32. ``check``: validate each output (done once, at w*; at the draws the
+    shapes are known and a changed shape fails in the gather)."""
     outs = []
     with torch.no_grad():
         for batch in batches:
             out = loss_fn(model, batch)
-            outs.append(_check_loss(out, _batch_len(batch), per_token, name).float())
+            if check:
+                out = _check_loss(out, _batch_len(batch), per_token, name)
+            outs.append(out if out.dtype == torch.float32 else out.float())
     return outs
 
 
@@ -353,15 +364,20 @@ def compute_bif(
             batches = _sgld_batches(sgld_source, config.batch_size, config.seed, c, device)
             _sgld_steps(model, opt, loss_fn, batches, device, config.num_burnin_steps, modes, per_token)
             filled = 0
+            dists = []
             for d in range(config.num_draws):
                 modes.eval()
-                xbuf[filled] = train_units.gather(_evaluate(model, train_batches, loss_fn, per_token, "train"))
-                ybuf[filled] = query_units.gather(_evaluate(model, query_batches, loss_fn, per_token, "query"))
-                traces[c, d] = xbuf[filled].mean()
-                distance[c, d] = _rms_distance(opt)
+                train_units.gather(
+                    _evaluate(model, train_batches, loss_fn, per_token, "train", False), out=xbuf[filled]
+                )
+                query_units.gather(
+                    _evaluate(model, query_batches, loss_fn, per_token, "query", False), out=ybuf[filled]
+                )
+                dists.append(_sq_distance(opt))
                 filled += 1
                 if filled == k or d == config.num_draws - 1:
                     chain_acc.update(xbuf[:filled], ybuf[:filled], check_finite=False)
+                    torch.mean(xbuf[:filled], dim=1, out=traces[c, d + 1 - filled : d + 1])
                     filled = 0
                 if d < config.num_draws - 1:
                     _sgld_steps(model, opt, loss_fn, batches, device, config.num_steps_bw_draws, modes, per_token)
@@ -371,6 +387,7 @@ def compute_bif(
                 torch.isfinite(chain_acc._mean_x).all() & torch.isfinite(chain_acc._mean_y).all()
             )
             diverged.append(bad)
+            distance[c] = torch.stack(dists).div_(max(opt.numel, 1)).sqrt_()
             chain_seconds.append(time.perf_counter() - t_chain)
             if bad:
                 logger.warning("bif_fast: chain %d diverged (NaN/Inf); it is left out of the BIF", c)
@@ -450,37 +467,53 @@ def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, modes: _
         else:
             loss = out.mean()
         loss.backward()
-        opt.step()
+        opt._step()
 
 
 class _Modes:
     """Switches a model between eval mode (loss evaluations) and its own configuration (SGLD steps),
-    restoring every submodule's own flag, and skipping switches to the mode it is already in."""
+    restoring every submodule's own flag, and skipping switches to the mode it is already in.
+
+    When no module overrides ``train()``, the flags are set directly (``Module.__setattr__`` on every
+    submodule twice per draw is a measurable cost for small models); otherwise ``model.eval()`` runs.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.own = [(m, m.training) for m in model.modules()]
+        self.direct = all(type(m).train is torch.nn.Module.train and "training" in vars(m) for m, _ in self.own)
         self.current: str | None = None
 
     def eval(self) -> None:
         if self.current != "eval":
-            self.model.eval()
+            if self.direct:
+                for m, _ in self.own:
+                    vars(m)["training"] = False
+            else:
+                self.model.eval()
             self.current = "eval"
 
     def restore(self) -> None:
         if self.current != "own":
-            for m, training in self.own:
-                m.training = training
+            if self.direct:
+                for m, training in self.own:
+                    vars(m)["training"] = training
+            else:
+                for m, training in self.own:
+                    m.training = training
             self.current = "own"
 
 
-def _rms_distance(opt: SGLD) -> torch.Tensor:
-    """sqrt(mean (w - w*)²) over the sampled parameters: how far the chain has wandered (no sync)."""
+def _sq_distance(opt: SGLD) -> torch.Tensor:
+    """sum (w - w*)² over the sampled parameters, a 0-d tensor (no sync): the chain's excursion from w*."""
     total = None
     for seg in opt._segments:
-        d = (seg.master - seg.anchor.float()).square().sum()
+        if seg.anchor.dtype == torch.float32:
+            d = torch.dist(seg.master, seg.anchor).square()
+        else:
+            d = (seg.master - seg.anchor.float()).square().sum()
         total = d if total is None else total + d
-    return (total / max(opt.numel, 1)).sqrt()
+    return total
 
 
 def _progress(config: BIFConfig):

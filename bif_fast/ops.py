@@ -7,6 +7,7 @@ available and says once why when it is not.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -348,36 +349,48 @@ def sgld_update_(
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if seed >= 2**64 or chain >= 2**32 or step >= 2**32:
         raise ValueError("seed must fit in 64 bits, chain and step in 32 bits")
-    kwargs = dict(
-        config=config, seed=seed, chain=chain, step=step, offset=offset, noise=noise, out=out, diverged=diverged
-    )
     resolved = resolve_backend("sgld_update", device, backend)
+    _sgld_update_resolved(
+        resolved, w, grad, anchor, state if needs_state else None, config=config, seed=seed, chain=chain, step=step,
+        offset=offset, noise=noise, out=out, diverged=diverged,
+    )  # fmt: skip
+
+
+def _sgld_update_resolved(resolved: str, w, grad, anchor, state, **kwargs) -> None:
+    """``sgld_update_`` after validation, on a resolved backend (the optimizer's per-step path: its buffers
+    were checked once when it packed them). ``state`` is None for plain SGLD."""
     if resolved == "triton":
         from bif_fast.kernels.sgld_update import sgld_update_triton
 
-        sgld_update_triton(w, grad, anchor, state if needs_state else None, **kwargs)
+        sgld_update_triton(w, grad, anchor, state, **kwargs)
     elif resolved == "ext":
-        _sgld_update_ext(w, grad, anchor, state if needs_state else None, **kwargs)
+        _sgld_update_ext(w, grad, anchor, state, **kwargs)
     else:
         from bif_fast.reference.sgld_update import sgld_update_ as sgld_update_torch
 
-        sgld_update_torch(w, grad, anchor, state if needs_state else None, **kwargs)
+        sgld_update_torch(w, grad, anchor, state, **kwargs)
 
 
 _SAMPLER_CODE = {("sgld", "none"): 0, ("sgld", "rmsprop"): 1, ("baoab", "none"): 2}
 
 
+@functools.lru_cache(maxsize=64)
+def _coefficients(config, first_step: bool) -> dict[str, float]:
+    from bif_fast.reference.sgld_update import step_coefficients
+
+    return step_coefficients(config, 0 if first_step else 1)
+
+
 def _sgld_update_ext(w, grad, anchor, state, *, config, seed, chain, step, offset, noise, out, diverged) -> None:
     """The fused C++ CPU step. It reads grad and anchor in one dtype and writes ``out`` in that dtype."""
     from bif_fast import _ext
-    from bif_fast.reference.sgld_update import step_coefficients
 
     if grad.dtype != anchor.dtype:
         grad = grad.to(anchor.dtype)
     direct_out = out if out is None or out.dtype == anchor.dtype else None
     _ext._C.sgld_update_cpu_(
         w, grad, anchor, state, noise, direct_out, diverged, _SAMPLER_CODE[(config.sampler, config.precondition)],
-        config.bounding_box_size is not None, offset, seed, chain, step, step_coefficients(config, step),
+        config.bounding_box_size is not None, offset, seed, chain, step, _coefficients(config, step == 0),
     )  # fmt: skip
     if out is not None and direct_out is None:
         out.copy_(w)

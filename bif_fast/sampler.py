@@ -16,14 +16,14 @@ receive the rounded master after every step. fp32 parameters are their own maste
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from bif_fast._backend import resolve_backend
 from bif_fast.config import SGLDConfig
-from bif_fast.ops import philox_normal_, sgld_update_
+from bif_fast.ops import _sgld_update_resolved, philox_normal_
 from bif_fast.reference.philox import INIT_VELOCITY_STEP
 
 __all__ = ["SGLD"]
@@ -42,6 +42,7 @@ class _Segment:
     master: torch.Tensor  # [N] fp32 (the same tensor as flat_param when dtype is fp32)
     anchor: torch.Tensor  # [N] in dtype: w*
     state: torch.Tensor | None  # [N] fp32 RMSprop V / BAOAB velocity
+    grad_views: list[torch.Tensor] = field(default_factory=list)  # each param's grad: a view of flat_grad
 
 
 class SGLD(torch.optim.Optimizer):
@@ -137,8 +138,9 @@ class SGLD(torch.optim.Optimizer):
                     p.grad = flat_grad[s : s + p.numel()].view_as(p)
             master = flat_param if dtype == torch.float32 else flat_param.float()
             segments.append(
-                _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None)
-            )
+                _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None,
+                         [p.grad for p in group])
+            )  # fmt: skip
             offset += total
         return segments
 
@@ -166,28 +168,33 @@ class SGLD(torch.optim.Optimizer):
 
     def _gather_grads(self, seg: _Segment) -> None:
         """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer."""
-        for p, s in zip(seg.params, seg.starts, strict=True):
-            view = seg.flat_grad[s : s + p.numel()]
+        for p, view in zip(seg.params, seg.grad_views, strict=True):
             g = p.grad
-            if g is not None and g.data_ptr() == view.data_ptr() and g.shape == p.shape:
+            if g is view:  # the usual case: backward accumulated into the view in place
                 continue
             with torch.no_grad():
                 if g is None:
                     view.zero_()  # an unused parameter: zero gradient, prior and noise still act
-                else:
-                    view.copy_(g.reshape(-1))
-            p.grad = view.view_as(p)
+                elif g.data_ptr() != view.data_ptr() or g.shape != p.shape or g.stride() != view.stride():
+                    view.copy_(g.reshape(p.shape))
+            p.grad = view
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One sampler step for all parameters (one kernel launch per parameter dtype)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step()
+        return loss
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        # The step itself, without torch.optim's per-call hooks (compute_bif calls it directly).
         for seg in self._segments:
             self._gather_grads(seg)
-            sgld_update_(
+            _sgld_update_resolved(
+                self.resolved_backend,
                 seg.master,
                 seg.flat_grad,
                 seg.anchor,
@@ -197,20 +204,19 @@ class SGLD(torch.optim.Optimizer):
                 chain=self.chain,
                 step=self.num_steps,
                 offset=seg.offset,
+                noise=None,
                 out=None if seg.master is seg.flat_param else seg.flat_param,
                 diverged=self.diverged_flag,
-                backend=self.resolved_backend,
             )
         self.num_steps += 1
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place (they stay views into the flat buffer; ``set_to_none`` is ignored)."""
         for seg in self._segments:
             seg.flat_grad.zero_()
-            for p, s in zip(seg.params, seg.starts, strict=True):
-                if p.grad is None or p.grad.data_ptr() != seg.flat_grad[s:].data_ptr():
-                    p.grad = seg.flat_grad[s : s + p.numel()].view_as(p)
+            for p, view in zip(seg.params, seg.grad_views, strict=True):
+                if p.grad is not view:
+                    p.grad = view
 
     @torch.no_grad()
     def reset(self, *, chain: int | None = None) -> None:
