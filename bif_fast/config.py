@@ -115,6 +115,13 @@ class BIFConfig:
     cov_dtype: Literal["float64", "float32"] = field(default="float64", metadata=_help("accumulator dtype"))
     compute_stderr: bool = field(default=True, metadata=_help("per-chain batch-means standard errors"))
     progress: bool = field(default=False, metadata=_help("show a tqdm progress bar (if tqdm is installed)"))
+    chain_batch: int | Literal["auto"] = field(
+        default="auto",
+        metadata=_help(
+            "chains run at once through torch.func.vmap over stacked weights (1 = one by one); 'auto' batches "
+            "small models on a GPU. Results equal the sequential ones up to rounding"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.sgld, SGLDConfig):
@@ -127,6 +134,10 @@ class BIFConfig:
                 raise ValueError(f"BIFConfig.{name} must be an int >= {low}, got {value!r}")
         if self.num_chains * self.num_draws < 2:
             raise ValueError("BIFConfig needs at least 2 draws in total (num_chains * num_draws)")
+        if self.chain_batch != "auto" and (
+            isinstance(self.chain_batch, bool) or not isinstance(self.chain_batch, int) or self.chain_batch < 1
+        ):
+            raise ValueError(f"BIFConfig.chain_batch must be 'auto' or an int >= 1, got {self.chain_batch!r}")
         if self.cov_dtype not in ("float64", "float32"):
             raise ValueError(f"BIFConfig.cov_dtype must be 'float64' or 'float32', got {self.cov_dtype!r}")
 

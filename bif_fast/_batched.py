@@ -1,0 +1,210 @@
+"""Several SGLD chains of one model at once: stacked weights, ``torch.func.functional_call`` + ``vmap``.
+
+``compute_bif`` runs a group of chains through ``ChainBatch`` when ``BIFConfig.chain_batch`` asks for
+it. Every chain is still the chain it is when run alone: chain c keeps its own Philox noise stream
+(``chain=c``), its own minibatch stream (seeded by (seed, c)), the same step counter and the same
+canonical flattening of the sampled parameters, so the results equal the sequential ones up to the
+rounding of the batched matrix products (bit-identical noise, same minibatches, same schedule).
+
+The weights of chain i are row i of one ``[C, N]`` buffer; each sampled parameter is a ``[C, *shape]``
+view of it, passed to ``functional_call`` under ``vmap``. One vmapped forward (and backward, for an
+SGLD step) serves all C chains, which amortises the per-call costs that dominate small models (kernel
+launches on a GPU, framework dispatch on a CPU); the sampler update is one fused launch per chain.
+
+Models that vmap cannot run unchanged (data-dependent Python control flow, ``.item()``, in-place
+updates of buffers in train mode such as BatchNorm statistics, dropout in train mode, custom autograd
+Functions without a vmap rule) are detected before sampling by ``ChainBatch.check``, and
+``compute_bif`` then runs the chains one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bif_fast.config import SGLDConfig
+from bif_fast.ops import _sgld_update_resolved, philox_normal_
+from bif_fast.reference.philox import INIT_VELOCITY_STEP
+
+__all__ = ["ChainBatch", "stack_batches"]
+
+
+class _LossModule(torch.nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def stack_batches(batches: list[Any]) -> Any:
+    """Stack the minibatches of C chains along a new leading dimension (tensors), keeping the structure."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(batches)
+    if isinstance(first, Mapping):
+        return {k: stack_batches([b[k] for b in batches]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(stack_batches([b[i] for b in batches]) for i in range(len(first)))
+    if all(b == first for b in batches[1:]):
+        return first
+    raise ValueError(f"cannot stack minibatch entries of type {type(first).__name__} that differ between chains")
+
+
+def _leading(batch: Any, fill: Any) -> Any:
+    """vmap ``in_dims`` for a stacked batch: 0 for every tensor, None for anything else."""
+    if isinstance(batch, torch.Tensor):
+        return fill
+    if isinstance(batch, Mapping):
+        return {k: _leading(v, fill) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_leading(v, fill) for v in batch)
+    return None
+
+
+class ChainBatch:
+    """C chains of the sampled parameters of ``model`` as rows of one buffer, stepped and evaluated with vmap.
+
+    Args:
+        model (nn.Module): the model (its parameters stay at w*; the chains live in this object).
+        params (list[Tensor]): the sampled parameters, deduplicated, all of one floating dtype.
+        loss_fn (callable): ``loss_fn(model, batch)``.
+        config (SGLDConfig): sampler hyperparameters.
+        seed (int): noise key.
+        size (int): the largest number of chains run at once.
+        backend (str): resolved sampler backend (``triton`` | ``ext`` | ``torch``).
+        per_token (bool): per-token losses (SGLD loss = mean over non-zero positions, per chain).
+
+    Raises:
+        ValueError: parameters of several dtypes, or a parameter that is not part of ``model``.
+    """
+
+    def __init__(self, model, params, loss_fn, config: SGLDConfig, *, seed: int, size: int, backend: str,
+                 per_token: bool):  # fmt: skip
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"batched chains need one parameter dtype, got {sorted(map(str, dtypes))}")
+        names = {}
+        for name, p in model.named_parameters():
+            names.setdefault(id(p), name)
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"sampled parameters {missing} are not parameters of the model")
+        self.names = ["model." + names[id(p)] for p in params]
+        self.shapes = [tuple(p.shape) for p in params]
+        self.starts, total = [], 0
+        for p in params:
+            self.starts.append(total)
+            total += p.numel()
+        self.numel = total
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.config, self.seed, self.size, self.backend, self.per_token = config, seed, size, backend, per_token
+        self.wrapper = _LossModule(model, loss_fn)
+        with torch.no_grad():
+            self.anchor = torch.cat([p.detach().reshape(-1) for p in params])  # [N] w*, canonical order
+        # [size, N] parameters in the model's dtype (a leaf: its views get gradients) and the fp32 master.
+        self.param = self.anchor.expand(size, total).clone().requires_grad_(True)
+        self.master = self.param if self.dtype == torch.float32 else self.param.detach().float()
+        self.grad = torch.zeros(size, total, dtype=self.dtype, device=self.device)
+        needs_state = config.sampler == "baoab" or config.precondition == "rmsprop"
+        self.state = torch.zeros(size, total, device=self.device) if needs_state else None
+        self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
+        self.chains: list[int] = []
+        self.num_steps = 0
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def reset(self, chains: list[int]) -> None:
+        """Start chains ``chains`` (at most ``size``) at w*, as ``SGLD.reset(chain=c)`` would."""
+        if not 1 <= len(chains) <= self.size:
+            raise ValueError(f"a chain batch holds 1..{self.size} chains, got {len(chains)}")
+        self.chains = list(chains)
+        with torch.no_grad():
+            self.param.copy_(self.anchor)
+            if self.master is not self.param:
+                self.master.copy_(self.anchor)
+            if self.config.sampler == "baoab":
+                for i, c in enumerate(self.chains):
+                    philox_normal_(self.state[i], seed=self.seed, chain=c, step=INIT_VELOCITY_STEP, offset=0,
+                                   backend=self.backend)  # fmt: skip
+            elif self.state is not None:
+                self.state.zero_()
+        self.diverged_flags.zero_()
+        self.num_steps = 0
+
+    @property
+    def c(self) -> int:
+        return len(self.chains)
+
+    def _views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = rows.shape[0]
+        return {
+            name: rows[:, s : s + int(torch.Size(shape).numel())].view(c, *shape)
+            for name, s, shape in zip(self.names, self.starts, self.shapes, strict=True)
+        }
+
+    # -- evaluation and steps ------------------------------------------------------------------------
+
+    def evaluate(self, batches: list) -> list[torch.Tensor]:
+        """Losses of every evaluation batch at the current weights of every chain: ``[C, B(, T)]`` fp32 each."""
+        views = self._views(self.param.detach()[: self.c])
+        outs = []
+        with torch.no_grad():
+            for batch in batches:
+                fn = torch.func.vmap(self._call, in_dims=(0, None))
+                out = fn(views, batch)
+                outs.append(out if out.dtype == torch.float32 else out.float())
+        return outs
+
+    def _call(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return torch.func.functional_call(self.wrapper, params, (batch,))
+
+    def gradient(self, batch: Any) -> torch.Tensor:
+        """Gradients of each chain's mean minibatch loss, ``[C, N]`` (``batch`` stacked, one per chain)."""
+        c = self.c
+        self.grad[:c].zero_()
+        self.param.grad = self.grad
+        with torch.enable_grad():
+            views = self._views(self.param[:c])
+            out = torch.func.vmap(self._call, in_dims=(0, _leading(batch, 0)))(views, batch)
+            flat = out.reshape(c, -1)
+            if self.per_token:
+                valid = (flat.detach() != 0).sum(1).clamp_min(1)
+                loss = (flat.sum(1) / valid).sum()
+            else:
+                loss = flat.mean(1).sum()  # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
+            loss.backward()
+        if self.param.grad is not self.grad:  # autograd replaced it (e.g. a different layout): copy back
+            self.grad.copy_(self.param.grad)
+            self.param.grad = self.grad
+        return self.grad[:c]
+
+    def step(self, batch: Any) -> None:
+        """One SGLD step of every chain on its own minibatch (``batch`` stacked along dim 0)."""
+        self.gradient(batch)
+        with torch.no_grad():
+            for i, chain in enumerate(self.chains):
+                _sgld_update_resolved(
+                    self.backend, self.master[i].detach(), self.grad[i], self.anchor,
+                    None if self.state is None else self.state[i], config=self.config, seed=self.seed, chain=chain,
+                    step=self.num_steps, offset=0, noise=None,
+                    out=None if self.master is self.param else self.param[i].detach(),
+                    diverged=self.diverged_flags[i : i + 1],
+                )  # fmt: skip
+        self.num_steps += 1
+
+    def sq_distance(self) -> torch.Tensor:
+        """``[C]`` sum (w - w*)² of each chain (no sync)."""
+        with torch.no_grad():
+            return (self.master[: self.c].detach() - self.anchor.float()).square().sum(1)
+
+    def diverged(self) -> list[bool]:
+        """Which chains produced a NaN/Inf weight (one read from the device)."""
+        return [bool(v) for v in self.diverged_flags[: self.c].tolist()]
