@@ -7,8 +7,9 @@ logits ``z_n = W h_n + b`` and target ``t_n``::
 
 The vocabulary is processed in chunks of ``chunk`` rows of W with an online logsumexp: keeping the
 running maximum ``m`` and the rescaled sum ``s = Σ exp(z - m)``, a new chunk with maximum ``m_c`` and
-sum ``s_c`` merges as ``m' = max(m, m_c)``, ``s' = s·exp(m - m') + s_c·exp(m_c - m')``. Peak memory is
-``O(N·chunk)``, independent of V.
+sum ``s_c`` merges as ``m' = max(m, m_c)``, ``s' = s·exp(m - m') + s_c·exp(m_c - m')``. Tokens are
+processed in blocks so that one ``[rows, chunk]`` tile holds at most ``TILE_ELEMS`` logits: the working
+set is one tile plus O(N) vectors, whatever V and N are.
 
 Backward (the SGLD gradient flows through the same loss): with ``p_nv = exp(z_nv - lse_n)`` and
 upstream gradient ``g_n`` (0 on ignored tokens), ``∂loss/∂z = g ⊙ (p - onehot(t))``, so chunk by
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 4096
+TILE_ELEMS = 1 << 22  # largest logits tile (16 MB in fp32): tokens are blocked to fit it
 
 
 def _merge_lse(m: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +48,11 @@ def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Ten
     return hit, (targets - v0).clamp(0, v1 - v0 - 1)
 
 
+def _row_block(n: int, cols: int) -> int:
+    """Tokens per block, so that one block's logits tile `[rows, cols]` holds at most TILE_ELEMS values."""
+    return max(1, min(n, TILE_ELEMS // max(cols, 1)))
+
+
 def per_token_cross_entropy_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -54,7 +61,21 @@ def per_token_cross_entropy_fwd(
     ignore_index: int = -100,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Losses `[N]` fp32 and logsumexp `[N]` fp32 of ``hidden @ weight.T (+ bias)``, vocabulary in chunks."""
+    """Losses `[N]` fp32 and logsumexp `[N]` fp32 of ``hidden @ weight.T (+ bias)``: tokens in blocks and
+    the vocabulary in chunks, so the working set is one `[rows, chunk]` tile whatever N and V are."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rb = _row_block(n, min(chunk, v))
+    if rb >= n:
+        return _fwd_rows(hidden, weight, targets, bias, ignore_index, chunk)
+    loss = torch.empty(n, device=hidden.device)
+    lse = torch.empty(n, device=hidden.device)
+    for r0 in range(0, n, rb):
+        r1 = min(n, r0 + rb)
+        loss[r0:r1], lse[r0:r1] = _fwd_rows(hidden[r0:r1], weight, targets[r0:r1], bias, ignore_index, chunk)
+    return loss, lse
+
+
+def _fwd_rows(hidden, weight, targets, bias, ignore_index: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, v = hidden.shape[0], weight.shape[0]
     h = hidden.float()
     m = torch.full((n,), float("-inf"), device=hidden.device)
@@ -90,24 +111,28 @@ def per_token_cross_entropy_bwd(
     h = hidden.float()
     g = torch.where(targets != ignore_index, grad_loss.float(), 0.0)  # [N]
     dh = torch.zeros_like(h)
-    dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-    db = torch.empty(v, dtype=torch.float32, device=weight.device) if bias is not None else None
-    rows = torch.arange(n, device=hidden.device)
-    for v0 in range(0, v, chunk):
-        v1 = min(v, v0 + chunk)
-        w_c = weight[v0:v1].float()
-        z = h @ w_c.T
-        if bias is not None:
-            z += bias[v0:v1].float()
-        p = z.sub_(lse[:, None]).exp_()  # softmax over the full vocabulary, this chunk's columns
-        hit, col = _target_in_chunk(targets, v0, v1)
-        p[rows[hit], col[hit]] -= 1.0
-        p *= g[:, None]
-        dh.addmm_(p, w_c)
-        if dw is not None:
-            torch.mm(p.T, h, out=dw[v0:v1])
-        if db is not None:
-            db[v0:v1] = p.sum(dim=0)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+    db = torch.zeros(v, dtype=torch.float32, device=weight.device) if bias is not None else None
+    rb = _row_block(n, min(chunk, v))
+    for r0 in range(0, n, rb):
+        r1 = min(n, r0 + rb)
+        h_r, t_r = h[r0:r1], targets[r0:r1]
+        rows = torch.arange(r1 - r0, device=hidden.device)
+        for v0 in range(0, v, chunk):
+            v1 = min(v, v0 + chunk)
+            w_c = weight[v0:v1].float()
+            z = h_r @ w_c.T
+            if bias is not None:
+                z += bias[v0:v1].float()
+            p = z.sub_(lse[r0:r1, None]).exp_()  # softmax over the full vocabulary, this chunk's columns
+            hit, col = _target_in_chunk(t_r, v0, v1)
+            p[rows[hit], col[hit]] -= 1.0
+            p *= g[r0:r1, None]
+            dh[r0:r1].addmm_(p, w_c)
+            if dw is not None:
+                dw[v0:v1].addmm_(p.T, h_r)
+            if db is not None:
+                db[v0:v1] += p.sum(dim=0)
     return (
         dh.to(hidden.dtype),
         dw.to(weight.dtype) if dw is not None else None,

@@ -152,6 +152,33 @@ def test_fallback_memory_grows_with_n_not_n_times_v():
     assert _largest(2 * n, v, h) <= 2 * max(n * 4096 * 4, v * h * 4)
 
 
+def test_fallback_blocks_tokens_to_a_bounded_tile(monkeypatch):
+    """Many tokens: the fallback works through blocks of tokens, each tile at most TILE_ELEMS logits; the
+    blocks (odd sizes, last one short) give the float64 losses and gradients, and the working set stops
+    growing with N."""
+    from bif_fast.reference import cross_entropy as ref
+
+    monkeypatch.setattr(ref, "TILE_ELEMS", 37 * 64)  # rows per block: 37 with chunk 64
+    n, h, v = 301, 12, 150
+    hidden, weight, b, targets = _inputs(n, h, v, seed=5)
+    targets[::7] = -100
+    hidden.requires_grad_(True), weight.requires_grad_(True), b.requires_grad_(True)
+    loss, lse = ref.per_token_cross_entropy_fwd(hidden, weight, targets, b, chunk=64)
+    h64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight, b))
+    want = torch.nn.functional.cross_entropy(h64 @ w64.T + b64, targets, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.randn(n, dtype=torch.float64)
+    dh, dw, db = ref.per_token_cross_entropy_bwd(g.float(), hidden.detach(), weight.detach(), targets, b.detach(), lse,
+                                                 chunk=64)  # fmt: skip
+    want_grads = torch.autograd.grad((want * g).sum(), (h64, w64, b64))
+    for got, ref_grad in zip((dh, dw, db), want_grads, strict=True):
+        torch.testing.assert_close(got.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    with _LargestAllocation() as mode:
+        ref.per_token_cross_entropy_fwd(hidden.detach(), weight.detach(), targets, b.detach(), chunk=64)
+    # (views of the [N, H] input count as tensors of its size)
+    assert mode.largest <= max(37 * 64 * 4, v * h * 4, n * h * 4) < n * 64 * 4
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
