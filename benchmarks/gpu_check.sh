@@ -20,6 +20,7 @@ step compile_check 120 python -m bif_fast.kernels.compile_check --arch 90
 step bench_sgld 300 python benchmarks/bench_sgld.py --device cuda --steps 20 --repeats 3
 step bench_cross_entropy 300 python benchmarks/bench_cross_entropy.py --device cuda --repeats 3 --inner 5
 step bench_running_cov 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3
+step bench_chain_batch 120 python benchmarks/bench_chain_batch.py --device cuda --repeats 3 --draws 50
 BIF_FAST_COV_FUSED=1 step bench_running_cov_fused 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3 --providers bif_fast,devinterp-style
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 echo "results in $OUT"

@@ -158,6 +158,16 @@ def _eval_loader(data: Any, batch_size: int, name: str) -> Iterable:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
+def _eval_batches(data: Any, loader: Iterable, batch_size: int, device: torch.device) -> list:
+    """The evaluation batches on the model's device, collated once. A TensorDataset is sliced directly
+    (what its DataLoader would collate item by item, as the same list of tensors)."""
+    if isinstance(data, TensorDataset):
+        tensors = [t.to(device) for t in data.tensors]
+        n = len(data)
+        return [[t[i : i + batch_size] for t in tensors] for i in range(0, n, batch_size)]
+    return [_to_device(b, device) for b in loader]
+
+
 def _sgld_batches(data: Any, batch_size: int, seed: int, chain: int, device: torch.device) -> Iterator:
     """Endless minibatches; the order is a function of (seed, chain) only."""
     if isinstance(data, DataLoader):
@@ -340,8 +350,8 @@ def compute_bif(
         modes.eval()
         train_units, query_units = _Units(per_token), _Units(per_token)
         # The evaluation batches are the same at every draw: collate them once, on the model's device.
-        train_batches = [_to_device(b, device) for b in train_loader]
-        query_batches = [_to_device(b, device) for b in query_loader]
+        train_batches = _eval_batches(train, train_loader, config.eval_batch_size, device)
+        query_batches = _eval_batches(query, query_loader, config.eval_batch_size, device)
         outs_train = _evaluate(model, train_batches, loss_fn, per_token, "train")
         outs_query = _evaluate(model, query_batches, loss_fn, per_token, "query")
         train_units.discover(outs_train, "train")

@@ -297,3 +297,27 @@ def test_mixed_submodule_modes_are_kept_for_sgld_and_restored():
     assert res.diagnostics["diverged"] == [False, False]
     assert seen == {(True, False, True)}
     assert model.training and not model.bn.training and model.drop.training
+
+
+class _ItemDataset(torch.utils.data.Dataset):
+    """The same items as a TensorDataset, but collated item by item by a DataLoader."""
+
+    def __init__(self, ds: TensorDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def test_tensor_dataset_fast_paths_equal_item_collation():
+    """TensorDatasets are sliced directly (evaluation batches) and indexed on the device (SGLD minibatches);
+    the evaluation batches must be exactly what a DataLoader collates from the items."""
+    model, train, query, *_ = _linear_problem()
+    cfg = dataclasses.replace(_config(6, chains=2), eval_batch_size=5)  # 24 = 4 x 5 + 4: a short last batch
+    fast = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg, sgld_data=_ItemDataset(train))
+    slow = compute_bif(model, _ItemDataset(train), _ItemDataset(query), loss_fn=_sq_loss, config=cfg,
+                       sgld_data=_ItemDataset(train))  # fmt: skip
+    assert torch.equal(fast.bif, slow.bif) and torch.equal(fast.stderr, slow.stderr)

@@ -206,3 +206,16 @@ def test_auto_policy():
 def test_chain_batch_is_validated(value):
     with pytest.raises(ValueError, match="chain_batch"):
         BIFConfig(chain_batch=value)
+
+
+@pytest.mark.cuda
+def test_batched_chains_on_cuda_equal_sequential_and_auto_batches():
+    model, train, query = _mlp_problem(torch.float32)
+    model = model.cuda()
+    train = TensorDataset(*(t.cuda() for t in train.tensors))
+    query = TensorDataset(*(t.cuda() for t in query.tensors))
+    cfg = _config(SAMPLERS["rmsprop"])
+    one = compute_bif(model, train, query, loss_fn=_ce, config=dataclasses.replace(cfg, chain_batch=1))
+    auto = compute_bif(model, train, query, loss_fn=_ce, config=cfg)
+    assert auto.diagnostics["chain_batch"] == 5 and auto.bif.is_cuda
+    _assert_same(auto, one, rtol=2e-4, atol=1e-5)
