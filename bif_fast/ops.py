@@ -56,8 +56,9 @@ class RunningCrossCovariance:
         n (int): length of each ``x`` draw (rows of the result).
         p (int): length of each ``y`` draw (columns of the result).
         device (torch.device | str | None): where the state lives. Default: CPU.
-        dtype (torch.dtype): accumulator dtype, float64 or float32. Default: float64. float32 keeps about
-            1e-6 relative accuracy because only centred values enter the products.
+        dtype (torch.dtype): dtype of the `[n, p]` co-moment (and of the results), float64 or float32.
+            Default: float64. The means and sums of squares are float64 either way and blocks are
+            centred in float64, so float32 halves the memory at about 1e-6 relative accuracy.
         backend (str): ``auto`` | ``ext`` | ``torch``. Default: ``auto`` (the compiled extension when
             it is built, else the torch reference, with a one-time warning).
 
@@ -89,13 +90,13 @@ class RunningCrossCovariance:
         self.backend = resolve_backend("running_cov", self.device, backend)
         self._impl = _running_cov_impl(self.backend)
         self._fused = self.device.type == "cuda" and os.environ.get("BIF_FAST_COV_FUSED", "0") == "1"
-        kw = {"device": self.device, "dtype": dtype}
+        vec = {"device": self.device, "dtype": torch.float64}  # the state vectors are float64 always
         self._count = 0
-        self._mean_x = torch.zeros(n, **kw)
-        self._mean_y = torch.zeros(p, **kw)
-        self._m2_x = torch.zeros(n, **kw)
-        self._m2_y = torch.zeros(p, **kw)
-        self._comoment = torch.zeros(n, p, **kw)
+        self._mean_x = torch.zeros(n, **vec)
+        self._mean_y = torch.zeros(p, **vec)
+        self._m2_x = torch.zeros(n, **vec)
+        self._m2_y = torch.zeros(p, **vec)
+        self._comoment = torch.zeros(n, p, device=self.device, dtype=dtype)
 
     def __repr__(self) -> str:
         return (
@@ -110,25 +111,25 @@ class RunningCrossCovariance:
 
     @property
     def mean_x(self) -> torch.Tensor:
-        """`[n]` running mean of ``x`` (a copy)."""
-        return self._mean_x.clone()
+        """`[n]` running mean of ``x`` (a copy, in the accumulator's dtype)."""
+        return self._mean_x.to(self.dtype, copy=True)
 
     @property
     def mean_y(self) -> torch.Tensor:
-        """`[p]` running mean of ``y`` (a copy)."""
-        return self._mean_y.clone()
+        """`[p]` running mean of ``y`` (a copy, in the accumulator's dtype)."""
+        return self._mean_y.to(self.dtype, copy=True)
 
     @property
     def var_x(self) -> torch.Tensor:
         """`[n]` unbiased variance of ``x``."""
         self._require_two_draws("var_x")
-        return self._m2_x / (self._count - 1)
+        return (self._m2_x / (self._count - 1)).to(self.dtype)
 
     @property
     def var_y(self) -> torch.Tensor:
         """`[p]` unbiased variance of ``y``."""
         self._require_two_draws("var_y")
-        return self._m2_y / (self._count - 1)
+        return (self._m2_y / (self._count - 1)).to(self.dtype)
 
     def _state(self) -> tuple[torch.Tensor, ...]:
         return (self._comoment, self._mean_x, self._mean_y, self._m2_x, self._m2_y)
@@ -201,7 +202,8 @@ class RunningCrossCovariance:
             raise ValueError("cannot merge an accumulator into itself")
         if other._count == 0:
             return self
-        theirs = [t.to(device=self.device, dtype=self.dtype) for t in other._state()]
+        theirs = [t.to(device=self.device, dtype=self.dtype if i == 0 else torch.float64)
+                  for i, t in enumerate(other._state())]  # fmt: skip
         self._impl.running_cov_merge_(*self._state(), self._count, *theirs, other._count)
         self._count += other._count
         return self

@@ -81,14 +81,16 @@ torch::Tensor augment_block(const torch::Tensor& z, torch::Tensor& mean, torch::
   return augment_block_aten(z, mean, m2, scale, mean_alpha);
 }
 
-torch::Tensor inv_sqrt_or_zero(const torch::Tensor& m2, const torch::Tensor& mean, int64_t count) {
-  const double eps = m2.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                     : std::numeric_limits<float>::epsilon();
-  const double tiny = m2.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
-                                                      : std::numeric_limits<float>::min();
+// 1/std of each stream from its float64 m2, or 0 for a numerically constant stream: std at most
+// kConstantUlps ulps of |mean| in the accumulator's dtype.
+torch::Tensor inv_sqrt_or_zero(const torch::Tensor& m2, const torch::Tensor& mean, int64_t count,
+                               at::ScalarType dtype) {
+  const double eps = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                          : std::numeric_limits<float>::epsilon();
+  const double tiny = std::numeric_limits<double>::min();
   const double c = kConstantUlps * eps;
   auto constant = m2.le(mean.square() * (c * c * static_cast<double>(count)));
-  return m2.clamp_min(tiny).rsqrt_().masked_fill_(constant, 0.0);
+  return m2.clamp_min(tiny).rsqrt_().masked_fill_(constant, 0.0).to(dtype);
 }
 
 }  // namespace
@@ -103,7 +105,9 @@ void running_cov_update_(torch::Tensor comoment, torch::Tensor mean_x, torch::Te
   const double mean_alpha = static_cast<double>(k) / total;
   auto xa = augment_block(x, mean_x, m2_x, scale, mean_alpha, fused);  // [k + 1, n]
   auto ya = augment_block(y, mean_y, m2_y, scale, mean_alpha, fused);  // [k + 1, p]
-  comoment.addmm_(xa.t(), ya);
+  // The blocks are centred in float64 (the state vectors' dtype); a float32 co-moment takes them rounded.
+  const auto cd = comoment.scalar_type();
+  comoment.addmm_(xa.to(cd).t(), ya.to(cd));
 }
 
 void running_cov_merge_(torch::Tensor comoment, torch::Tensor mean_x, torch::Tensor mean_y, torch::Tensor m2_x,
@@ -111,16 +115,16 @@ void running_cov_merge_(torch::Tensor comoment, torch::Tensor mean_x, torch::Ten
                         const torch::Tensor& other_mean_x, const torch::Tensor& other_mean_y,
                         const torch::Tensor& other_m2_x, const torch::Tensor& other_m2_y, int64_t other_count) {
   if (other_count == 0) return;
-  const auto dtype = comoment.scalar_type();
+  const auto cd = comoment.scalar_type();
   const double total = static_cast<double>(count + other_count);
   const double coef = static_cast<double>(count) * static_cast<double>(other_count) / total;
   const double alpha = static_cast<double>(other_count) / total;
-  auto dx = other_mean_x.to(dtype) - mean_x;
-  auto dy = other_mean_y.to(dtype) - mean_y;
-  comoment.add_(other_comoment.to(dtype));
-  comoment.addr_(dx, dy, 1.0, coef);
-  m2_x.add_(other_m2_x.to(dtype)).add_(dx.square(), coef);
-  m2_y.add_(other_m2_y.to(dtype)).add_(dy.square(), coef);
+  auto dx = other_mean_x.to(at::kDouble) - mean_x;
+  auto dy = other_mean_y.to(at::kDouble) - mean_y;
+  comoment.add_(other_comoment.to(cd));
+  comoment.addr_(dx.to(cd), dy.to(cd), 1.0, coef);
+  m2_x.add_(other_m2_x.to(at::kDouble)).add_(dx.square(), coef);
+  m2_y.add_(other_m2_y.to(at::kDouble)).add_(dy.square(), coef);
   mean_x.add_(dx, alpha);
   mean_y.add_(dy, alpha);
 }
@@ -132,8 +136,8 @@ torch::Tensor running_cov_covariance(const torch::Tensor& comoment, int64_t coun
 torch::Tensor running_cov_correlation(const torch::Tensor& comoment, const torch::Tensor& mean_x,
                                       const torch::Tensor& mean_y, const torch::Tensor& m2_x,
                                       const torch::Tensor& m2_y, int64_t count) {
-  auto inv_x = inv_sqrt_or_zero(m2_x, mean_x, count);  // [n]
-  auto inv_y = inv_sqrt_or_zero(m2_y, mean_y, count);  // [p]
+  auto inv_x = inv_sqrt_or_zero(m2_x, mean_x, count, comoment.scalar_type());  // [n]
+  auto inv_y = inv_sqrt_or_zero(m2_y, mean_y, count, comoment.scalar_type());  // [p]
   auto out = comoment * inv_x.unsqueeze(1);
   out.mul_(inv_y.unsqueeze(0));
   return out.clamp_(-1.0, 1.0);

@@ -321,3 +321,17 @@ def test_tensor_dataset_fast_paths_equal_item_collation():
     slow = compute_bif(model, _ItemDataset(train), _ItemDataset(query), loss_fn=_sq_loss, config=cfg,
                        sgld_data=_ItemDataset(train))  # fmt: skip
     assert torch.equal(fast.bif, slow.bif) and torch.equal(fast.stderr, slow.stderr)
+
+
+def test_float32_accumulators_match_float64():
+    """cov_dtype='float32' halves the n x p state; blocks are still centred in float64, so the BIF matches
+    the float64 run to float32 rounding (the same chains: only the accumulator differs)."""
+    model, train, query, *_ = _linear_problem()
+    cfg = _config(30, chains=3)
+    f64 = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
+    f32 = compute_bif(model, train, query, loss_fn=_sq_loss, config=dataclasses.replace(cfg, cov_dtype="float32"))
+    assert f32.bif.dtype == f32.bif_normalized.dtype == f32.stderr.dtype == torch.float32
+    assert f64.bif.dtype == torch.float64
+    scale = float(f64.bif.abs().max())
+    assert float((f32.bif.double() - f64.bif).abs().max()) <= 1e-5 * scale
+    assert float((f32.bif_normalized.double() - f64.bif_normalized).abs().max()) <= 1e-5

@@ -9,7 +9,10 @@ The state of an accumulator after ``N`` draws of two streams ``x_t ∈ R^n`` and
     m2_y   = Σ_t (y_t - mean_y)²                     [p]
     comoment = Σ_t (x_t - mean_x)(y_t - mean_y)ᵀ     [n, p]
 
-so that ``Cov = comoment / (N - 1)`` (unbiased) and ``Corr = comoment / sqrt(m2_x m2_y ᵀ)``.
+so that ``Cov = comoment / (N - 1)`` (unbiased) and ``Corr = comoment / sqrt(m2_x m2_y ᵀ)``. The
+vectors (means, m2) are always float64; the ``[n, p]`` co-moment is float64 or float32 (the
+accumulator's dtype). Blocks are centred in float64 and rounded once into a float32 co-moment, so a
+float32 accumulator loses nothing to a mean that is large against the spread of its stream.
 
 Rank-k update (Chan, Golub & LeVeque 1979). A block of ``k = n_b`` draws with block means ``b_x, b_y``
 and centred rows ``X_c = X - b_x``, ``Y_c = Y - b_y`` is merged into a state of ``n_a`` draws by
@@ -89,14 +92,13 @@ def running_cov_update_(
     k = x.shape[0]
     if k == 0:
         return
-    dtype = comoment.dtype
-    x = x.to(dtype)
-    y = y.to(dtype)
+    x = x.to(mean_x.dtype)  # centred in float64, the state vectors' dtype
+    y = y.to(mean_y.dtype)
     total = count + k
     scale = math.sqrt(count * k / total)
     xa, dx = _augmented_block(x, mean_x, scale)
     ya, dy = _augmented_block(y, mean_y, scale)
-    comoment.addmm_(xa.t(), ya)
+    comoment.addmm_(xa.t().to(comoment.dtype), ya.to(comoment.dtype))
     m2_x.add_(xa.square().sum(dim=0))
     m2_y.add_(ya.square().sum(dim=0))
     mean_x.add_(dx, alpha=k / total)
@@ -120,15 +122,15 @@ def running_cov_merge_(
     """Merge another accumulator's state into this one, in place (Chan's parallel formula)."""
     if other_count == 0:
         return
-    dtype = comoment.dtype
+    cd = comoment.dtype
     total = count + other_count
     coef = count * other_count / total
-    dx = other_mean_x.to(dtype) - mean_x
-    dy = other_mean_y.to(dtype) - mean_y
-    comoment.add_(other_comoment.to(dtype))
-    comoment.addr_(dx, dy, alpha=coef)
-    m2_x.add_(other_m2_x.to(dtype)).add_(dx.square(), alpha=coef)
-    m2_y.add_(other_m2_y.to(dtype)).add_(dy.square(), alpha=coef)
+    dx = other_mean_x.to(mean_x.dtype) - mean_x
+    dy = other_mean_y.to(mean_y.dtype) - mean_y
+    comoment.add_(other_comoment.to(cd))
+    comoment.addr_(dx.to(cd), dy.to(cd), alpha=coef)
+    m2_x.add_(other_m2_x.to(m2_x.dtype)).add_(dx.square(), alpha=coef)
+    m2_y.add_(other_m2_y.to(m2_y.dtype)).add_(dy.square(), alpha=coef)
     mean_x.add_(dx, alpha=other_count / total)
     mean_y.add_(dy, alpha=other_count / total)
 
@@ -138,17 +140,18 @@ def running_cov_covariance(comoment: torch.Tensor, count: int) -> torch.Tensor:
     return comoment / (count - 1)
 
 
-def constant_mask(m2: torch.Tensor, mean: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of streams treated as constant (std at most 16 ulps of |mean|, or exactly 0)."""
-    eps = torch.finfo(m2.dtype).eps
+def constant_mask(m2: torch.Tensor, mean: torch.Tensor, count: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Boolean mask of streams treated as constant: std at most 16 ulps of |mean| in ``dtype`` (the
+    accumulator's dtype; default ``m2.dtype``), or exactly 0."""
+    eps = torch.finfo(dtype or m2.dtype).eps
     floor = (_CONSTANT_ULPS * eps) ** 2 * count * mean.square()
     return m2 <= floor
 
 
-def _inv_sqrt_or_zero(m2: torch.Tensor, mean: torch.Tensor, count: int) -> torch.Tensor:
-    const = constant_mask(m2, mean, count)
+def _inv_sqrt_or_zero(m2: torch.Tensor, mean: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    const = constant_mask(m2, mean, count, dtype)
     inv = m2.clamp_min(torch.finfo(m2.dtype).tiny).rsqrt()
-    return inv.masked_fill_(const, 0.0)
+    return inv.masked_fill_(const, 0.0).to(dtype)
 
 
 def running_cov_correlation(
@@ -159,9 +162,10 @@ def running_cov_correlation(
     m2_y: torch.Tensor,
     count: int,
 ) -> torch.Tensor:
-    """Pearson cross-correlation `[n, p]` in [-1, 1]; 0 wherever either stream is constant."""
-    inv_x = _inv_sqrt_or_zero(m2_x, mean_x, count)  # [n]
-    inv_y = _inv_sqrt_or_zero(m2_y, mean_y, count)  # [p]
+    """Pearson cross-correlation `[n, p]` in [-1, 1] in the co-moment's dtype; 0 wherever either stream is
+    constant."""
+    inv_x = _inv_sqrt_or_zero(m2_x, mean_x, count, comoment.dtype)  # [n]
+    inv_y = _inv_sqrt_or_zero(m2_y, mean_y, count, comoment.dtype)  # [p]
     out = comoment * inv_x.unsqueeze(1)
     out.mul_(inv_y.unsqueeze(0))
     return out.clamp_(-1.0, 1.0)
