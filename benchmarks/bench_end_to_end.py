@@ -40,6 +40,9 @@ baseline). Every child reports a checksum of w* and the data; the parent checks 
 - ``bif_fast-prebatched``  the same call, but train and query passed as non-shuffling DataLoaders over
                            batches collated once (``--prebatched-on``, default mlp only): isolates the
                            cost of re-collating the evaluation batches item by item at every draw
+- ``bif_fast-fp32cov``     the same call with ``BIFConfig(cov_dtype="float32")`` (``--fp32cov-on``, default
+                           lm only): the n x p accumulators in float32 (means and sums of squares stay
+                           float64), half the memory of the default float64 state
 - ``devinterp``            ``devinterp.slt.bif.bif`` (its zarr store in a temporary directory, as with
                            its default ``output_path=None``, removed afterwards)
 
@@ -105,7 +108,7 @@ import torch  # noqa: E402
 
 from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
-PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "devinterp"]
+PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-fp32cov", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
 MEM = "peak_rss_above_base_mb"
 
@@ -211,7 +214,15 @@ def _prebatched(dataset, batch_size: int):
     return torch.utils.data.DataLoader(batches, batch_size=None)
 
 
-def run_bif_fast(prob: dict, spec: dict, *, sgld_data=None, noise_level: float = 1.0, prebatched: bool = False):
+def run_bif_fast(
+    prob: dict,
+    spec: dict,
+    *,
+    sgld_data=None,
+    noise_level: float = 1.0,
+    prebatched: bool = False,
+    cov_dtype: str = "float64",
+):
     """``compute_bif`` as a user calls it; returns the BIFResult."""
     from bif_fast import BIFConfig, compute_bif
 
@@ -219,7 +230,7 @@ def run_bif_fast(prob: dict, spec: dict, *, sgld_data=None, noise_level: float =
     train, query = _bif_fast_data(prob, spec)
     config = BIFConfig(sgld=_sgld_config(spec, noise_level), num_chains=spec["chains"], num_draws=spec["draws"],
                        num_burnin_steps=1, num_steps_bw_draws=1, batch_size=spec["batch_size"], seed=spec["seed"],
-                       compute_stderr=False)  # fmt: skip
+                       compute_stderr=False, cov_dtype=cov_dtype)  # fmt: skip
     if prebatched:
         sgld_data = train if sgld_data is None else sgld_data
         train, query = _prebatched(train, config.eval_batch_size), _prebatched(query, config.eval_batch_size)
@@ -415,8 +426,9 @@ def _run(prob: dict, spec: dict, workdir: str, timed=None):
     provider = spec["provider"]
     if provider == "floor":
         return floor(prob, spec)
-    if provider in ("bif_fast", "bif_fast-prebatched"):
-        res = run_bif_fast(prob, spec, prebatched=provider == "bif_fast-prebatched")
+    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-fp32cov"):
+        res = run_bif_fast(prob, spec, prebatched=provider == "bif_fast-prebatched",
+                           cov_dtype="float32" if provider == "bif_fast-fp32cov" else "float64")  # fmt: skip
         if timed is not None:
             timed()
         return _bif_fast_mats(res, prob, spec)
@@ -479,6 +491,8 @@ def _agreement(saved: dict[str, list[str]], spec: dict) -> dict[str, tuple[float
         pairs["bif_fast vs devinterp"] = list(zip(mats["devinterp"], mats["bif_fast"], strict=False))
     if "bif_fast" in mats and "bif_fast-prebatched" in mats:  # the same computation: expect r = 1, relRMS = 0
         pairs["prebatched vs bif_fast"] = list(zip(mats["bif_fast-prebatched"], mats["bif_fast"], strict=False))
+    if "bif_fast" in mats and "bif_fast-fp32cov" in mats:  # the same chains: expect r = 1, relRMS ~ 1e-6
+        pairs["fp32cov vs bif_fast"] = list(zip(mats["bif_fast-fp32cov"], mats["bif_fast"], strict=False))
     for p in ("bif_fast", "devinterp"):
         if len(mats.get(p, [])) >= 2:
             pairs[f"{p} seed vs seed"] = list(itertools.combinations(mats[p], 2))
@@ -538,6 +552,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--prebatched-on", default="mlp", help="problems on which to run bif_fast-prebatched")
+    ap.add_argument("--fp32cov-on", default="lm", help="problems on which to run bif_fast-fp32cov")
     ap.add_argument("--no-gate", action="store_true", help="skip the correctness gate")
     ap.add_argument("--quick", action="store_true", help="smoke run: small problems, 1 repeat, not recorded")
     ap.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
@@ -552,6 +567,7 @@ def main() -> None:
         args.repeats, args.no_record = 1, True
     args.problems = args.problems.split(",")
     args.prebatched_on = args.prebatched_on.split(",")
+    args.fp32cov_on = args.fp32cov_on.split(",")
     args.lm_train = [int(v) for v in str(args.lm_train).split(",")]
     providers = args.providers.split(",")
     torch.set_num_threads(args.threads)
@@ -579,6 +595,8 @@ def main() -> None:
                     if provider == "devinterp" and too_big:
                         continue
                     if provider == "bif_fast-prebatched" and spec["problem"] not in args.prebatched_on:
+                        continue
+                    if provider == "bif_fast-fp32cov" and spec["problem"] not in args.fp32cov_on:
                         continue
                     save = str(Path(tmp) / f"{len(results)}_{provider}_{rep}_{spec['problem']}{spec['n_train']}.pt")
                     child = {**spec, "provider": provider, "seed": rep, "save": save}
@@ -636,7 +654,9 @@ def main() -> None:
         for name, vals in pairs.items():
             cells = " ".join(f"{v:{(9, 7, 8, 7, 12, 7)[i]}.3f}" for i, v in enumerate(vals))
             print(f"{shape:<{w}} {name:<24} {cells}")
-            provider = name.split()[0].replace("prebatched", "bif_fast-prebatched")
+            provider = {"prebatched": "bif_fast-prebatched", "fp32cov": "bif_fast-fp32cov"}.get(
+                name.split()[0], name.split()[0]
+            )
             kind = "seed_to_seed" if "seed vs seed" in name else "vs_" + name.split()[-1]
             common = {"provider": provider, "mode": "end_to_end", "shape": shape, "dtype": "float32",
                       "n_runs": args.repeats}  # fmt: skip
