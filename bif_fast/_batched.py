@@ -200,10 +200,10 @@ class ChainBatch:
                 )  # fmt: skip
         self.num_steps += 1
 
-    def sq_distance(self) -> torch.Tensor:
-        """``[C]`` sum (w - w*)² of each chain (no sync)."""
+    def distance(self) -> torch.Tensor:
+        """``[C]`` ||w - w*|| of each chain (no sync)."""
         with torch.no_grad():
-            return (self.master[: self.c].detach() - self.anchor.float()).square().sum(1)
+            return torch.linalg.vector_norm(self.master[: self.c].detach() - self.anchor.float(), dim=1)
 
     def diverged(self) -> list[bool]:
         """Which chains produced a NaN/Inf weight (one read from the device)."""

@@ -415,11 +415,11 @@ def compute_bif(
                     outs_y = _evaluate(model, query_batches, loss_fn, per_token, "query", False)
                     train_units.gather(outs_x, out=xbuf[filled, 0])
                     query_units.gather(outs_y, out=ybuf[filled, 0])
-                    dists.append(_sq_distance(opt).unsqueeze(0))
+                    dists.append(_distance(opt).unsqueeze(0))
                 else:
                     train_units.gather_rows(batch.evaluate(train_batches), out=xbuf[filled, : len(chains)])
                     query_units.gather_rows(batch.evaluate(query_batches), out=ybuf[filled, : len(chains)])
-                    dists.append(batch.sq_distance())
+                    dists.append(batch.distance())
                 filled += 1
                 if filled == k or d == config.num_draws - 1:
                     for i in range(len(chains)):
@@ -430,7 +430,7 @@ def compute_bif(
                     _steps(model, opt, batch, iters, loss_fn, device, config.num_steps_bw_draws, modes, per_token)
                 if bar is not None:
                     bar.update(len(chains))
-            distance[rows] = torch.stack(dists, 1).div_(max(opt.numel, 1)).sqrt_()
+            distance[rows] = torch.stack(dists, 1).div_(max(opt.numel, 1) ** 0.5)  # rms distance
             flags = [opt.diverged] if batch is None else batch.diverged()
             for i, c in enumerate(chains):
                 chain_seconds[c] = time.perf_counter() - t_group
@@ -647,16 +647,12 @@ class _Modes:
             self.current = "own"
 
 
-def _sq_distance(opt: SGLD) -> torch.Tensor:
-    """sum (w - w*)² over the sampled parameters, a 0-d tensor (no sync): the chain's excursion from w*."""
-    total = None
-    for seg in opt._segments:
-        if seg.anchor.dtype == torch.float32:
-            d = torch.dist(seg.master, seg.anchor).square()
-        else:
-            d = (seg.master - seg.anchor.float()).square().sum()
-        total = d if total is None else total + d
-    return total
+def _distance(opt: SGLD) -> torch.Tensor:
+    """||w - w*|| over the sampled parameters, a 0-d tensor (no sync): the chain's excursion from w*."""
+    segs = opt._segments
+    if len(segs) == 1 and segs[0].anchor.dtype == torch.float32:
+        return torch.dist(segs[0].master, segs[0].anchor)
+    return sum((seg.master - seg.anchor.float()).square().sum() for seg in segs).sqrt()
 
 
 def _progress(config: BIFConfig):

@@ -111,7 +111,7 @@ class BIFConfig:
     batch_size: int = field(default=32, metadata=_help("SGLD minibatch size"))
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))
     seed: int = field(default=0, metadata=_help("key of the sampler noise and of the minibatch order"))
-    draws_per_update: int = field(default=16, metadata=_help("draws buffered per rank-k covariance update"))
+    draws_per_update: int = field(default=32, metadata=_help("draws buffered per rank-k covariance update"))
     cov_dtype: Literal["float64", "float32"] = field(default="float64", metadata=_help("accumulator dtype"))
     compute_stderr: bool = field(default=True, metadata=_help("per-chain batch-means standard errors"))
     progress: bool = field(default=False, metadata=_help("show a tqdm progress bar (if tqdm is installed)"))

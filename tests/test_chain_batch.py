@@ -47,8 +47,9 @@ def _assert_same(a, b, rtol: float, atol: float = 0.0) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert not torch.isnan(x).any()
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol * float(y.abs().max()), msg=name)
-    for key in ("chain_mean_train_loss", "rms_distance_from_w_star"):
-        torch.testing.assert_close(torch.tensor(a.diagnostics[key]), torch.tensor(b.diagnostics[key]), rtol=rtol,
+    # (the distance is a float32 norm of the float32 master weights, reduced in another order when batched)
+    for key, tol in (("chain_mean_train_loss", rtol), ("rms_distance_from_w_star", max(rtol, 1e-5))):
+        torch.testing.assert_close(torch.tensor(a.diagnostics[key]), torch.tensor(b.diagnostics[key]), rtol=tol,
                                    atol=0.0, equal_nan=True, msg=key)  # fmt: skip
     assert a.diagnostics["diverged"] == b.diagnostics["diverged"]
     assert a.diagnostics["num_draws_used"] == b.diagnostics["num_draws_used"]
