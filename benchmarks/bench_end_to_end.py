@@ -40,9 +40,12 @@ baseline). Every child reports a checksum of w* and the data; the parent checks 
 - ``bif_fast-prebatched``  the same call, but train and query passed as non-shuffling DataLoaders over
                            batches collated once (``--prebatched-on``, default mlp only): isolates the
                            cost of re-collating the evaluation batches item by item at every draw
-- ``bif_fast-fp32cov``     the same call with ``BIFConfig(cov_dtype="float32")`` (``--fp32cov-on``, default
-                           lm only): the n x p accumulators in float32 (means and sums of squares stay
-                           float64), half the memory of the default float64 state
+- ``bif_fast-lean``        the same call with the two memory settings a user turns for a large per-token
+                           matrix on a small machine (``--lean-on``, default lm only):
+                           ``cov_dtype="float32"`` (the n x p accumulators in float32; means and sums of
+                           squares stay float64) and ``eval_batch_size=32`` (the model's evaluation
+                           activations for 32 sequences at a time instead of 256; devinterp evaluates in
+                           minibatches of 8). Its overhead is still read against the default floor.
 - ``devinterp``            ``devinterp.slt.bif.bif`` (its zarr store in a temporary directory, as with
                            its default ``output_path=None``, removed afterwards)
 
@@ -90,6 +93,7 @@ floor <= 15%. Rows go to ``results/end_to_end.csv``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -108,7 +112,7 @@ import torch  # noqa: E402
 
 from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
-PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-fp32cov", "devinterp"]
+PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-lean", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
 MEM = "peak_rss_above_base_mb"
 
@@ -221,7 +225,7 @@ def run_bif_fast(
     sgld_data=None,
     noise_level: float = 1.0,
     prebatched: bool = False,
-    cov_dtype: str = "float64",
+    lean: bool = False,
 ):
     """``compute_bif`` as a user calls it; returns the BIFResult."""
     from bif_fast import BIFConfig, compute_bif
@@ -230,7 +234,9 @@ def run_bif_fast(
     train, query = _bif_fast_data(prob, spec)
     config = BIFConfig(sgld=_sgld_config(spec, noise_level), num_chains=spec["chains"], num_draws=spec["draws"],
                        num_burnin_steps=1, num_steps_bw_draws=1, batch_size=spec["batch_size"], seed=spec["seed"],
-                       compute_stderr=False, cov_dtype=cov_dtype)  # fmt: skip
+                       compute_stderr=False)  # fmt: skip
+    if lean:
+        config = dataclasses.replace(config, cov_dtype="float32", eval_batch_size=32)
     if prebatched:
         sgld_data = train if sgld_data is None else sgld_data
         train, query = _prebatched(train, config.eval_batch_size), _prebatched(query, config.eval_batch_size)
@@ -426,9 +432,9 @@ def _run(prob: dict, spec: dict, workdir: str, timed=None):
     provider = spec["provider"]
     if provider == "floor":
         return floor(prob, spec)
-    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-fp32cov"):
+    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-lean"):
         res = run_bif_fast(prob, spec, prebatched=provider == "bif_fast-prebatched",
-                           cov_dtype="float32" if provider == "bif_fast-fp32cov" else "float64")  # fmt: skip
+                           lean=provider == "bif_fast-lean")  # fmt: skip
         if timed is not None:
             timed()
         return _bif_fast_mats(res, prob, spec)
@@ -491,8 +497,8 @@ def _agreement(saved: dict[str, list[str]], spec: dict) -> dict[str, tuple[float
         pairs["bif_fast vs devinterp"] = list(zip(mats["devinterp"], mats["bif_fast"], strict=False))
     if "bif_fast" in mats and "bif_fast-prebatched" in mats:  # the same computation: expect r = 1, relRMS = 0
         pairs["prebatched vs bif_fast"] = list(zip(mats["bif_fast-prebatched"], mats["bif_fast"], strict=False))
-    if "bif_fast" in mats and "bif_fast-fp32cov" in mats:  # the same chains: expect r = 1, relRMS ~ 1e-6
-        pairs["fp32cov vs bif_fast"] = list(zip(mats["bif_fast-fp32cov"], mats["bif_fast"], strict=False))
+    if "bif_fast" in mats and "bif_fast-lean" in mats:  # the same chains: expect r = 1, relRMS ~ 1e-6
+        pairs["lean vs bif_fast"] = list(zip(mats["bif_fast-lean"], mats["bif_fast"], strict=False))
     for p in ("bif_fast", "devinterp"):
         if len(mats.get(p, [])) >= 2:
             pairs[f"{p} seed vs seed"] = list(itertools.combinations(mats[p], 2))
@@ -552,7 +558,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--prebatched-on", default="mlp", help="problems on which to run bif_fast-prebatched")
-    ap.add_argument("--fp32cov-on", default="lm", help="problems on which to run bif_fast-fp32cov")
+    ap.add_argument("--lean-on", default="lm", help="problems on which to run bif_fast-lean")
     ap.add_argument("--no-gate", action="store_true", help="skip the correctness gate")
     ap.add_argument("--quick", action="store_true", help="smoke run: small problems, 1 repeat, not recorded")
     ap.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
@@ -567,7 +573,7 @@ def main() -> None:
         args.repeats, args.no_record = 1, True
     args.problems = args.problems.split(",")
     args.prebatched_on = args.prebatched_on.split(",")
-    args.fp32cov_on = args.fp32cov_on.split(",")
+    args.lean_on = args.lean_on.split(",")
     args.lm_train = [int(v) for v in str(args.lm_train).split(",")]
     providers = args.providers.split(",")
     torch.set_num_threads(args.threads)
@@ -596,7 +602,7 @@ def main() -> None:
                         continue
                     if provider == "bif_fast-prebatched" and spec["problem"] not in args.prebatched_on:
                         continue
-                    if provider == "bif_fast-fp32cov" and spec["problem"] not in args.fp32cov_on:
+                    if provider == "bif_fast-lean" and spec["problem"] not in args.lean_on:
                         continue
                     save = str(Path(tmp) / f"{len(results)}_{provider}_{rep}_{spec['problem']}{spec['n_train']}.pt")
                     child = {**spec, "provider": provider, "seed": rep, "save": save}
@@ -654,7 +660,7 @@ def main() -> None:
         for name, vals in pairs.items():
             cells = " ".join(f"{v:{(9, 7, 8, 7, 12, 7)[i]}.3f}" for i, v in enumerate(vals))
             print(f"{shape:<{w}} {name:<24} {cells}")
-            provider = {"prebatched": "bif_fast-prebatched", "fp32cov": "bif_fast-fp32cov"}.get(
+            provider = {"prebatched": "bif_fast-prebatched", "lean": "bif_fast-lean"}.get(
                 name.split()[0], name.split()[0]
             )
             kind = "seed_to_seed" if "seed vs seed" in name else "vs_" + name.split()[-1]
