@@ -394,9 +394,7 @@ def compute_bif(
             t_group = time.perf_counter()
             for b, saved in buffers:
                 b.copy_(saved)
-            for acc in accs[: len(chains)]:
-                if acc is not pooled:
-                    acc.reset()
+            _reset_all(a for a in accs[: len(chains)] if a is not pooled)  # (no loop variable outlives `accs`)
             if batch is None:
                 c = chains[0]
                 opt.reset(chain=c)
@@ -583,6 +581,11 @@ class _Pool:
         var = s2.div_(m).sub_(mean.square_()).clamp_min_(0).mul_(m / (m - 1))
         del s1, mean
         return var.div_(m).sqrt_()
+
+
+def _reset_all(accs: Iterable[RunningCrossCovariance]) -> None:
+    for acc in accs:
+        acc.reset()
 
 
 def _steps(model, opt: SGLD, batch: ChainBatch | None, iters: list, loss_fn, device, count: int, modes: _Modes,

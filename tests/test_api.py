@@ -335,3 +335,33 @@ def test_float32_accumulators_match_float64():
     scale = float(f64.bif.abs().max())
     assert float((f32.bif.double() - f64.bif).abs().max()) <= 1e-5 * scale
     assert float((f32.bif_normalized.double() - f64.bif_normalized).abs().max()) <= 1e-5
+
+
+def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch):
+    """Peak memory: by the time the n x p outputs are built, every per-chain accumulator has been freed
+    (the result takes over the pooled co-moment, plus one new matrix for the correlation)."""
+    import gc
+    import weakref
+
+    from bif_fast import api
+    from bif_fast.ops import RunningCrossCovariance
+
+    live: list[weakref.ref] = []
+    alive_at_output: list[int] = []
+
+    class Tracked(RunningCrossCovariance):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            live.append(weakref.ref(self))
+
+        def correlation(self):
+            gc.collect()
+            alive_at_output.append(sum(r() is not None for r in live))
+            return super().correlation()
+
+    monkeypatch.setattr(api, "RunningCrossCovariance", Tracked)
+    model, train, query, *_ = _linear_problem()
+    for chain_batch in (1, 3):
+        live.clear()
+        compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(5, chains=3, chain_batch=chain_batch))
+        assert len(live) == 1 + chain_batch and alive_at_output[-1] == 1
