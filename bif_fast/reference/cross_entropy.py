@@ -113,7 +113,9 @@ def per_token_cross_entropy_bwd(
     dh = torch.zeros_like(h)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
     db = torch.zeros(v, dtype=torch.float32, device=weight.device) if bias is not None else None
-    rb = _row_block(n, min(chunk, v))
+    # Backward tiles may be 4x larger: each extra token block re-reads and re-writes every dW chunk (measured
+    # ~15% slower at N = 4096, H = 2560 with the forward's tile), and SGLD minibatches rarely need blocks.
+    rb = _row_block(n, min(chunk, v) // 4 or 1)
     for r0 in range(0, n, rb):
         r1 = min(n, r0 + rb)
         h_r, t_r = h[r0:r1], targets[r0:r1]
