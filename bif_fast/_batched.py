@@ -107,6 +107,7 @@ class ChainBatch:
         self.device = params[0].device
         self.config, self.seed, self.size, self.backend, self.per_token = config, seed, size, backend, per_token
         self.wrapper = _LossModule(model, loss_fn)
+        self._eval_fn = torch.func.vmap(self._call, in_dims=(0, None))  # stacked weights, shared batch
         with torch.no_grad():
             self.anchor = torch.cat([p.detach().reshape(-1) for p in params])  # [N] w*, canonical order
         # [size, N] parameters in the model's dtype (a leaf: its views get gradients) and the fp32 master.
@@ -158,8 +159,7 @@ class ChainBatch:
         outs = []
         with torch.no_grad():
             for batch in batches:
-                fn = torch.func.vmap(self._call, in_dims=(0, None))
-                out = fn(views, batch)
+                out = self._eval_fn(views, batch)
                 outs.append(out if out.dtype == torch.float32 else out.float())
         return outs
 

@@ -499,11 +499,9 @@ def _chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: in
         return 1
     if config.chain_batch != "auto":
         return min(config.chain_batch, config.num_chains)
-    if numel > _AUTO_BATCH_MAX_PARAMS:
+    if device.type not in ("cpu", "cuda") or numel > _AUTO_BATCH_MAX_PARAMS:
         return 1
     if device.type == "cpu" and numel * eval_rows > _AUTO_BATCH_CPU_WORK:
-        return 1
-    if device.type not in ("cpu", "cuda"):
         return 1
     per_chain = n * p * torch.empty(0, dtype=dtype).element_size()
     return max(1, min(config.num_chains, _AUTO_BATCH_ACC_BYTES // max(per_chain, 1)))
@@ -527,8 +525,7 @@ def _try_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, pe
         modes.restore()
         trial = _to_device(next(_sgld_batches(sgld_source, config.batch_size, config.seed, 0, device)), device)
         got = batch.gradient(stack_batches([trial] * size)).clone()
-        out = loss_fn(model, trial)
-        loss = out.sum() / (out.detach() != 0).sum().clamp_min(1) if per_token else out.mean()
+        loss = _minibatch_loss(loss_fn(model, trial), per_token)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         want = torch.cat(
             [(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(params, grads, strict=True)]
@@ -606,14 +603,15 @@ def _sgld_steps(model, opt: SGLD, loss_fn, batches, device, steps: int, modes: _
     for _ in range(steps):
         batch = _to_device(next(batches), device)
         opt.zero_grad()
-        out = loss_fn(model, batch)
-        if per_token:
-            valid = (out.detach() != 0).sum().clamp_min(1)
-            loss = out.sum() / valid
-        else:
-            loss = out.mean()
-        loss.backward()
+        _minibatch_loss(loss_fn(model, batch), per_token).backward()
         opt._step()
+
+
+def _minibatch_loss(out: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """The loss whose gradient drives SGLD: the minibatch mean (per token: over the non-ignored positions)."""
+    if per_token:
+        return out.sum() / (out.detach() != 0).sum().clamp_min(1)
+    return out.mean()
 
 
 class _Modes:
