@@ -32,20 +32,21 @@ baseline). Every child reports a checksum of w* and the data; the parent checks 
 - ``floor``                the forward/backward passes bif_fast must do, in a plain loop over
                            pre-stacked tensors: per chain the same number of SGLD-minibatch
                            forward+backward passes (burn-in + steps between draws) and, at every draw,
-                           no-grad forwards of every train and query unit in batches of 256
-                           (``BIFConfig.eval_batch_size``); no sampler, no covariance, no DataLoader
+                           no-grad forwards of every train and query unit in compute_bif's default
+                           evaluation batches (256 samples; per token 32 sequences = 2,048 loss
+                           positions, ``eval_max_tokens="auto"`` on a CPU); no sampler, no covariance,
+                           no DataLoader
 - ``bif_fast``             ``compute_bif`` given ``TensorDataset``s, as a user calls it
                            (``compute_stderr=False``, as devinterp has no standard error; every other
-                           engine setting at its default, e.g. ``eval_batch_size=256``, float64 state)
+                           engine setting at its default: float32 co-moment for these float32 losses,
+                           ``cov_dtype="auto"``; evaluation batches as in the floor)
 - ``bif_fast-prebatched``  the same call, but train and query passed as non-shuffling DataLoaders over
                            batches collated once (``--prebatched-on``, default mlp only): isolates the
                            cost of re-collating the evaluation batches item by item at every draw
-- ``bif_fast-lean``        the same call with the two memory settings a user turns for a large per-token
-                           matrix on a small machine (``--lean-on``, default lm only):
-                           ``cov_dtype="float32"`` (the n x p accumulators in float32; means and sums of
-                           squares stay float64) and ``eval_batch_size=32`` (the model's evaluation
-                           activations for 32 sequences at a time instead of 256; devinterp evaluates in
-                           minibatches of 8). Its overhead is still read against the default floor.
+- ``bif_fast-f64``         the same call with ``cov_dtype="float64"`` (``--f64-on``, default lm only):
+                           the same chains with float64 n x p state, so its agreement with ``bif_fast``
+                           is the float32 co-moment's rounding (relRMS ~1e-6), and its memory the
+                           cost of float64 state
 - ``devinterp``            ``devinterp.slt.bif.bif`` (its zarr store in a temporary directory, as with
                            its default ``output_path=None``, removed afterwards)
 
@@ -112,7 +113,7 @@ import torch  # noqa: E402
 
 from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
 
-PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-lean", "devinterp"]
+PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-f64", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
 MEM = "peak_rss_above_base_mb"
 
@@ -225,7 +226,7 @@ def run_bif_fast(
     sgld_data=None,
     noise_level: float = 1.0,
     prebatched: bool = False,
-    lean: bool = False,
+    f64: bool = False,
 ):
     """``compute_bif`` as a user calls it; returns the BIFResult."""
     from bif_fast import BIFConfig, compute_bif
@@ -235,8 +236,8 @@ def run_bif_fast(
     config = BIFConfig(sgld=_sgld_config(spec, noise_level), num_chains=spec["chains"], num_draws=spec["draws"],
                        num_burnin_steps=1, num_steps_bw_draws=1, batch_size=spec["batch_size"], seed=spec["seed"],
                        compute_stderr=False)  # fmt: skip
-    if lean:
-        config = dataclasses.replace(config, cov_dtype="float32", eval_batch_size=32)
+    if f64:
+        config = dataclasses.replace(config, cov_dtype="float64")
     if prebatched:
         sgld_data = train if sgld_data is None else sgld_data
         train, query = _prebatched(train, config.eval_batch_size), _prebatched(query, config.eval_batch_size)
@@ -262,7 +263,14 @@ def floor(prob: dict, spec: dict) -> None:
         train, query = (prob["ids"][:n],), (prob["ids"][n:],)
     else:
         train, query = (prob["x"][:n], prob["y"][:n]), (prob["x"][n:], prob["y"][n:])
-    ev, bs = 256, spec["batch_size"]  # BIFConfig's default eval_batch_size
+    # The evaluation batches compute_bif makes by default: eval_batch_size=256 units, and per token at
+    # most eval_max_tokens="auto" loss positions (2,048 on a CPU: 32 sequences of 63 positions).
+    from bif_fast import BIFConfig
+    from bif_fast.api import AUTO_EVAL_TOKENS
+
+    ev, bs = BIFConfig().eval_batch_size, spec["batch_size"]
+    if per_token:
+        ev = max(1, min(ev, AUTO_EVAL_TOKENS["cpu"] // (spec["seq_len"] - 1)))
     eval_batches = [tuple(t[i : i + ev] for t in data) for data in (train, query) for i in range(0, len(data[0]), ev)]
     g = torch.Generator().manual_seed(spec["seed"])
     steps = 1 + (spec["draws"] - 1)  # num_burnin_steps=1, one step between draws
@@ -432,9 +440,9 @@ def _run(prob: dict, spec: dict, workdir: str, timed=None):
     provider = spec["provider"]
     if provider == "floor":
         return floor(prob, spec)
-    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-lean"):
+    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-f64"):
         res = run_bif_fast(prob, spec, prebatched=provider == "bif_fast-prebatched",
-                           lean=provider == "bif_fast-lean")  # fmt: skip
+                           f64=provider == "bif_fast-f64")  # fmt: skip
         if timed is not None:
             timed()
         return _bif_fast_mats(res, prob, spec)
@@ -497,8 +505,8 @@ def _agreement(saved: dict[str, list[str]], spec: dict) -> dict[str, tuple[float
         pairs["bif_fast vs devinterp"] = list(zip(mats["devinterp"], mats["bif_fast"], strict=False))
     if "bif_fast" in mats and "bif_fast-prebatched" in mats:  # the same computation: expect r = 1, relRMS = 0
         pairs["prebatched vs bif_fast"] = list(zip(mats["bif_fast-prebatched"], mats["bif_fast"], strict=False))
-    if "bif_fast" in mats and "bif_fast-lean" in mats:  # the same chains: expect r = 1, relRMS ~ 1e-6
-        pairs["lean vs bif_fast"] = list(zip(mats["bif_fast-lean"], mats["bif_fast"], strict=False))
+    if "bif_fast" in mats and "bif_fast-f64" in mats:  # the same chains: expect r = 1, relRMS ~ 1e-6
+        pairs["f64 vs bif_fast"] = list(zip(mats["bif_fast-f64"], mats["bif_fast"], strict=False))
     for p in ("bif_fast", "devinterp"):
         if len(mats.get(p, [])) >= 2:
             pairs[f"{p} seed vs seed"] = list(itertools.combinations(mats[p], 2))
@@ -558,7 +566,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--prebatched-on", default="mlp", help="problems on which to run bif_fast-prebatched")
-    ap.add_argument("--lean-on", default="lm", help="problems on which to run bif_fast-lean")
+    ap.add_argument("--f64-on", default="lm", help="problems on which to run bif_fast-f64")
     ap.add_argument("--no-gate", action="store_true", help="skip the correctness gate")
     ap.add_argument("--quick", action="store_true", help="smoke run: small problems, 1 repeat, not recorded")
     ap.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
@@ -573,7 +581,7 @@ def main() -> None:
         args.repeats, args.no_record = 1, True
     args.problems = args.problems.split(",")
     args.prebatched_on = args.prebatched_on.split(",")
-    args.lean_on = args.lean_on.split(",")
+    args.f64_on = args.f64_on.split(",")
     args.lm_train = [int(v) for v in str(args.lm_train).split(",")]
     providers = args.providers.split(",")
     torch.set_num_threads(args.threads)
@@ -602,7 +610,7 @@ def main() -> None:
                         continue
                     if provider == "bif_fast-prebatched" and spec["problem"] not in args.prebatched_on:
                         continue
-                    if provider == "bif_fast-lean" and spec["problem"] not in args.lean_on:
+                    if provider == "bif_fast-f64" and spec["problem"] not in args.f64_on:
                         continue
                     save = str(Path(tmp) / f"{len(results)}_{provider}_{rep}_{spec['problem']}{spec['n_train']}.pt")
                     child = {**spec, "provider": provider, "seed": rep, "save": save}
@@ -660,7 +668,7 @@ def main() -> None:
         for name, vals in pairs.items():
             cells = " ".join(f"{v:{(9, 7, 8, 7, 12, 7)[i]}.3f}" for i, v in enumerate(vals))
             print(f"{shape:<{w}} {name:<24} {cells}")
-            provider = {"prebatched": "bif_fast-prebatched", "lean": "bif_fast-lean"}.get(
+            provider = {"prebatched": "bif_fast-prebatched", "f64": "bif_fast-f64"}.get(
                 name.split()[0], name.split()[0]
             )
             kind = "seed_to_seed" if "seed vs seed" in name else "vs_" + name.split()[-1]

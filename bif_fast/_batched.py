@@ -154,13 +154,14 @@ class ChainBatch:
     # -- evaluation and steps ------------------------------------------------------------------------
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:
-        """Losses of every evaluation batch at the current weights of every chain: ``[C, B(, T)]`` fp32 each."""
+        """Losses of every evaluation batch at the current weights of every chain: ``[C, B(, T)]`` each,
+        float64 kept, anything else as float32 (as the sequential evaluation)."""
         views = self._views(self.param.detach()[: self.c])
         outs = []
         with torch.no_grad():
             for batch in batches:
                 out = self._eval_fn(views, batch)
-                outs.append(out if out.dtype == torch.float32 else out.float())
+                outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         return outs
 
     def _call(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:

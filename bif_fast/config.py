@@ -110,9 +110,23 @@ class BIFConfig:
     num_steps_bw_draws: int = field(default=1, metadata=_help("SGLD steps between draws (>= 1)"))
     batch_size: int = field(default=32, metadata=_help("SGLD minibatch size"))
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))
+    eval_max_tokens: int | Literal["auto"] | None = field(
+        default="auto",
+        metadata=_help(
+            "per token: at most this many loss positions (sequences x positions) per evaluation batch, fewer "
+            "sequences than eval_batch_size when they are long; 'auto': 2048 on a CPU (the fastest measured "
+            "there), 16384 on a GPU; None: no cap. Batches of a DataLoader are kept as given"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("key of the sampler noise and of the minibatch order"))
     draws_per_update: int = field(default=32, metadata=_help("draws buffered per rank-k covariance update"))
-    cov_dtype: Literal["float64", "float32"] = field(default="float64", metadata=_help("accumulator dtype"))
+    cov_dtype: Literal["auto", "float64", "float32"] = field(
+        default="auto",
+        metadata=_help(
+            "dtype of the n x p co-moment and of the outputs (means and sums of squares are always float64); "
+            "'auto': float64 when loss_fn returns float64 losses, else float32"
+        ),
+    )
     compute_stderr: bool = field(default=True, metadata=_help("per-chain batch-means standard errors"))
     progress: bool = field(default=False, metadata=_help("show a tqdm progress bar (if tqdm is installed)"))
     chain_batch: int | Literal["auto"] = field(
@@ -138,8 +152,11 @@ class BIFConfig:
             isinstance(self.chain_batch, bool) or not isinstance(self.chain_batch, int) or self.chain_batch < 1
         ):
             raise ValueError(f"BIFConfig.chain_batch must be 'auto' or an int >= 1, got {self.chain_batch!r}")
-        if self.cov_dtype not in ("float64", "float32"):
-            raise ValueError(f"BIFConfig.cov_dtype must be 'float64' or 'float32', got {self.cov_dtype!r}")
+        if self.cov_dtype not in ("auto", "float64", "float32"):
+            raise ValueError(f"BIFConfig.cov_dtype must be 'auto', 'float64' or 'float32', got {self.cov_dtype!r}")
+        cap = self.eval_max_tokens
+        if cap is not None and cap != "auto" and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"BIFConfig.eval_max_tokens must be 'auto', None or an int >= 1, got {cap!r}")
 
     @property
     def total_draws(self) -> int:

@@ -204,6 +204,29 @@ def test_per_token_sums_equal_the_sequence_level_bif():
     torch.testing.assert_close(tok.sequence_bif() / 25, seq.bif, rtol=1e-4, atol=1e-9)
 
 
+def test_per_token_evaluation_batches_are_capped_in_tokens():
+    """eval_max_tokens: per token, a batch holds at most that many loss positions (here 11 // 5 = 2
+    sequences instead of eval_batch_size=64); the BIF is the uncapped one up to summation order."""
+    model, train, query = _per_token_problem()
+    cfg = dataclasses.replace(_config(12, chains=2), batch_size=7)
+    capped = compute_bif(model, train, query, loss_fn=_token_loss, per_token=True,
+                         config=dataclasses.replace(cfg, eval_max_tokens=11))  # fmt: skip
+    whole = compute_bif(model, train, query, loss_fn=_token_loss, per_token=True,
+                        config=dataclasses.replace(cfg, eval_max_tokens=None))  # fmt: skip
+    auto = compute_bif(model, train, query, loss_fn=_token_loss, per_token=True, config=cfg)
+    assert capped.diagnostics["eval_batch_size"] == {"train": 2, "query": 2}
+    assert whole.diagnostics["eval_batch_size"] == auto.diagnostics["eval_batch_size"] == {"train": 64, "query": 64}
+    torch.testing.assert_close(capped.bif, whole.bif, rtol=1e-5, atol=1e-9)
+    assert torch.equal(capped.train_index, whole.train_index) and torch.equal(capped.query_index, whole.query_index)
+    # A cap below one sequence still evaluates one sequence at a time; per sample the cap does not apply.
+    one = compute_bif(model, train, query, loss_fn=_token_loss, per_token=True,
+                      config=dataclasses.replace(cfg, num_draws=2, eval_max_tokens=1))  # fmt: skip
+    assert one.diagnostics["eval_batch_size"] == {"train": 1, "query": 1}
+    seq = compute_bif(model, train, query, loss_fn=_seq_mean_loss,
+                      config=dataclasses.replace(cfg, num_draws=2, eval_max_tokens=1))  # fmt: skip
+    assert seq.diagnostics["eval_batch_size"] == {"train": 64, "query": 64}
+
+
 def test_per_token_ignored_positions_are_left_out():
     model, train, query = _per_token_problem()
 
@@ -258,7 +281,8 @@ def test_shuffling_loader_is_rejected():
 
 
 @pytest.mark.parametrize("field,value", [("num_chains", 0), ("num_draws", 0), ("num_steps_bw_draws", 0),
-                                         ("batch_size", 0), ("cov_dtype", "float16")])  # fmt: skip
+                                         ("batch_size", 0), ("cov_dtype", "float16"), ("eval_max_tokens", 0),
+                                         ("eval_max_tokens", "all"), ("eval_max_tokens", True)])  # fmt: skip
 def test_invalid_bif_config(field, value):
     with pytest.raises(ValueError, match=f"BIFConfig.{field}"):
         BIFConfig(**{field: value})
@@ -327,14 +351,76 @@ def test_float32_accumulators_match_float64():
     """cov_dtype='float32' halves the n x p state; blocks are still centred in float64, so the BIF matches
     the float64 run to float32 rounding (the same chains: only the accumulator differs)."""
     model, train, query, *_ = _linear_problem()
-    cfg = _config(30, chains=3)
+    cfg = _config(30, chains=3, cov_dtype="float64")
     f64 = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
     f32 = compute_bif(model, train, query, loss_fn=_sq_loss, config=dataclasses.replace(cfg, cov_dtype="float32"))
     assert f32.bif.dtype == f32.bif_normalized.dtype == f32.stderr.dtype == torch.float32
-    assert f64.bif.dtype == torch.float64
+    assert f64.bif.dtype == f64.stderr.dtype == torch.float64
     scale = float(f64.bif.abs().max())
     assert float((f32.bif.double() - f64.bif).abs().max()) <= 1e-5 * scale
     assert float((f32.bif_normalized.double() - f64.bif_normalized).abs().max()) <= 1e-5
+    assert float((f32.stderr.double() - f64.stderr).abs().max()) <= 1e-4 * float(f64.stderr.abs().max())
+    # 'auto' (the default) follows the losses: float32 here.
+    auto = compute_bif(model, train, query, loss_fn=_sq_loss, config=dataclasses.replace(cfg, cov_dtype="auto"))
+    assert auto.bif.dtype == torch.float32 and auto.diagnostics["cov_dtype"] == "float32"
+    assert torch.equal(auto.bif, f32.bif)
+
+
+def test_float64_losses_stay_float64():
+    """A float64 model's losses are not rounded to float32: with 'auto' the whole pipeline is float64, so
+    the BIF is shift-invariant to float64 rounding (a loss offset of 1e3 would leave only ~4 float32
+    digits of the fluctuations, which are ~1e-3 here)."""
+    model, train, query, x, y, _ = _linear_problem()
+    model = model.double()
+    train = TensorDataset(x[:N_TRAIN], y[:N_TRAIN])
+    query = TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+    cfg = _config(30, chains=2)
+    plain = compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
+    shifted = compute_bif(model, train, query, loss_fn=lambda m, b: _sq_loss(m, b) + 1e3, config=cfg)
+    assert plain.bif.dtype == torch.float64 and plain.diagnostics["cov_dtype"] == "float64"
+    scale = float(plain.bif.abs().max())
+    assert float((shifted.bif - plain.bif).abs().max()) <= 1e-7 * scale
+    assert float((shifted.bif_normalized - plain.bif_normalized).abs().max()) <= 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_stderr_is_the_spread_of_the_per_chain_covariances(dtype):
+    """_Pool against numpy-style references: the pooled covariance of the surviving chains' draws, and the
+    standard error std(per-chain covariances, ddof=1) / sqrt(chains). Covariances ~10 that differ by ~1e-3
+    between chains: sums of squares in float32 would cancel to noise, Welford over chains does not."""
+    from bif_fast.api import _Pool
+    from bif_fast.ops import RunningCrossCovariance
+
+    g = torch.Generator().manual_seed(5)
+    n, p, draws, chains = 7, 5, 40, 4
+    cfg = BIFConfig(num_chains=chains, num_draws=draws, cov_dtype="float32" if dtype == torch.float32 else "float64")
+    pool = _Pool(n, p, "cpu", dtype, cfg)
+    kept_x, kept_y, covs = [], [], []
+    z = torch.randn(draws, 1, generator=g, dtype=torch.float64)  # shared: the chains' covariances are close
+    for c in range(chains):
+        x = 3.0 * z + 0.05 * torch.randn(draws, n, generator=g, dtype=torch.float64) + 100.0
+        y = 3.0 * z + 0.05 * torch.randn(draws, p, generator=g, dtype=torch.float64) - 50.0
+        acc = RunningCrossCovariance(n, p, dtype=dtype)
+        acc.update(x, y)
+        diverged = c == 2
+        if not diverged:
+            kept_x.append(x)
+            kept_y.append(y)
+            xc, yc = x - x.mean(0), y - y.mean(0)
+            covs.append(xc.T @ yc / (draws - 1))
+        pool.add(c, acc, diverged, 0.0)
+    assert pool.diverged == [False, False, True, False] and pool.survivors == 3
+    xs, ys = torch.cat(kept_x), torch.cat(kept_y)
+    want_cov = (xs - xs.mean(0)).T @ (ys - ys.mean(0)) / (xs.shape[0] - 1)
+    covs = torch.stack(covs)
+    want_se = covs.std(0, unbiased=True) / 3**0.5
+    assert want_se.max() < 1e-2 * want_cov.abs().min()  # the regime where E[c^2] - E[c]^2 cancels
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    got_cov = pool.pooled.covariance().double()
+    assert float((got_cov - want_cov).abs().max()) <= tol * float(want_cov.abs().max())
+    se = pool.stderr()
+    assert se.dtype == dtype
+    assert float(((se.double() - want_se) / want_se).abs().max()) <= (1e-9 if dtype == torch.float64 else 2e-3)
 
 
 def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch):
