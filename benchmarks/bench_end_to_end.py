@@ -22,6 +22,12 @@ on both sides, CPU, ``torch.set_num_threads(1)`` in every process:
   on a 2-core machine; ``--devinterp-max-train`` drops devinterp from the larger sizes if needed (its
   token covariance grows as N^2; at 512 it takes ~1.5 min and ~4.3 GB here, so by default it runs).
 
+Every child runs with glibc malloc's mmap/trim thresholds pinned (``--malloc pinned``, see
+``benchmarks.utils.PINNED_MALLOC``): with glibc's adaptive defaults, a process that frees large buffers
+early (compute_bif's accumulators) serves its later model temporaries from a retained heap, while one
+that does not (the floor) pays fresh zeroed pages on every evaluation, ~10% of its time here, which put
+the "floor" above bif_fast. Pinned, every provider gets the retained heap.
+
 Providers, each (provider, repeat) in a fresh subprocess, interleaved, so peak resident memory above
 the process's baseline is that provider's own. The baseline is taken after imports, after a tiny
 warm-up run of the same provider, and after building the model and data; the kernel's high-water mark
@@ -111,7 +117,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.utils import current_rss_mb, peak_rss_mb, quantiles, reset_peak_rss, run_child, write_rows  # noqa: E402
+from benchmarks.utils import (  # noqa: E402
+    PINNED_MALLOC,
+    current_rss_mb,
+    peak_rss_mb,
+    quantiles,
+    reset_peak_rss,
+    run_child,
+    write_rows,
+)
 
 PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-f64", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
@@ -285,7 +299,7 @@ def floor(prob: dict, spec: dict) -> None:
                 model.train()
                 idx = order[s * bs : (s + 1) * bs]
                 batch = tuple(t[idx] for t in train)
-                model.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=False)  # gradients accumulate in place, as in compute_bif
                 out = loss_fn(model, batch if not per_token else batch[0])
                 loss = out.sum() / (out.detach() != 0).sum().clamp_min(1) if per_token else out.mean()
                 loss.backward()
@@ -567,6 +581,12 @@ def main() -> None:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--prebatched-on", default="mlp", help="problems on which to run bif_fast-prebatched")
     ap.add_argument("--f64-on", default="lm", help="problems on which to run bif_fast-f64")
+    ap.add_argument(
+        "--malloc",
+        choices=["pinned", "default"],
+        default="pinned",
+        help="children's glibc malloc thresholds: pinned (benchmarks.utils.PINNED_MALLOC) or glibc's own",
+    )
     ap.add_argument("--no-gate", action="store_true", help="skip the correctness gate")
     ap.add_argument("--quick", action="store_true", help="smoke run: small problems, 1 repeat, not recorded")
     ap.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
@@ -614,7 +634,8 @@ def main() -> None:
                         continue
                     save = str(Path(tmp) / f"{len(results)}_{provider}_{rep}_{spec['problem']}{spec['n_train']}.pt")
                     child = {**spec, "provider": provider, "seed": rep, "save": save}
-                    res = run_child(__file__, ["--child", json.dumps(child)])
+                    res = run_child(__file__, ["--child", json.dumps(child)],
+                                    env=PINNED_MALLOC if args.malloc == "pinned" else None)  # fmt: skip
                     first = results.get(shape, {}) and next(iter(results[shape].values()))[0]["problem"]
                     if first and res["problem"] != first:
                         raise SystemExit(f"{shape}: {provider} built another problem ({res['problem']} != {first})")

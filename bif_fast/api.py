@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
@@ -89,15 +89,33 @@ class BIFResult:
         Covariance is bilinear, so ``Cov(Σ_t l_it, Σ_s phi_js) = Σ_ts Cov(l_it, phi_js)``: summing the
         token blocks of ``bif`` gives exactly the BIF of the summed per-sequence losses.
         """
+        return self.aggregate(train="sequence", query="sequence")
+
+    def aggregate(
+        self, *, train: Literal["token", "sequence"] = "token", query: Literal["token", "sequence"] = "sequence"
+    ) -> torch.Tensor:
+        """Per-token mode: ``bif`` summed over the tokens of each training and/or query sequence.
+
+        Sums of covariances are covariances of sums, so every aggregate is the exact BIF of summed losses:
+        ``train="token", query="sequence"`` (the default) is the influence of each training token on each
+        query's total loss, `[n_train_tokens, n_query_seq]` (the per-token influence EK-FAC reports, paper
+        Appendix B.2); ``train="sequence", query="sequence"`` is ``sequence_bif()``; ``train="sequence",
+        query="token"`` is each training sequence's influence on each query token.
+        """
         if not self.per_token or self.train_index is None or self.query_index is None:
-            raise ValueError("sequence_bif needs a per-token result")
-        rows = self.train_index[:, 0].to(self.bif.device)
-        cols = self.query_index[:, 0].to(self.bif.device)
-        n_seq, p_seq = int(rows.max()) + 1, int(cols.max()) + 1
-        by_row = torch.zeros(n_seq, self.bif.shape[1], dtype=self.bif.dtype, device=self.bif.device)
-        by_row.index_add_(0, rows, self.bif)
-        out = torch.zeros(n_seq, p_seq, dtype=self.bif.dtype, device=self.bif.device)
-        out.index_add_(1, cols, by_row)
+            raise ValueError("aggregate / sequence_bif need a per-token result")
+        for name, how in (("train", train), ("query", query)):
+            if how not in ("token", "sequence"):
+                raise ValueError(f"{name} must be 'token' or 'sequence', got {how!r}")
+        out = self.bif
+        if train == "sequence":
+            rows = self.train_index[:, 0].to(out.device)
+            by_row = torch.zeros(int(rows.max()) + 1, out.shape[1], dtype=out.dtype, device=out.device)
+            out = by_row.index_add_(0, rows, out)
+        if query == "sequence":
+            cols = self.query_index[:, 0].to(out.device)
+            by_col = torch.zeros(out.shape[0], int(cols.max()) + 1, dtype=out.dtype, device=out.device)
+            out = by_col.index_add_(1, cols, out)
         return out
 
     def save(self, path: str | Path) -> Path:

@@ -227,6 +227,32 @@ def test_per_token_evaluation_batches_are_capped_in_tokens():
     assert seq.diagnostics["eval_batch_size"] == {"train": 64, "query": 64}
 
 
+def test_per_token_aggregates_are_sums_of_token_blocks():
+    """aggregate(): every sequence-level reduction of the per-token BIF against an explicit loop over the
+    (sequence, position) index, including the EK-FAC-style one (training token x query sequence)."""
+    model, train, query = _per_token_problem()
+    cfg = dataclasses.replace(_config(8, chains=1), batch_size=7)
+    tok = compute_bif(model, train, query, loss_fn=_token_loss, config=cfg, per_token=True)
+    b = tok.bif.double()
+    ti, qi = tok.train_index, tok.query_index
+    n_seq, q_seq = int(ti[:, 0].max()) + 1, int(qi[:, 0].max()) + 1
+    want_ts = torch.full((b.shape[0], q_seq), float("nan"), dtype=torch.float64)
+    for j in range(q_seq):
+        want_ts[:, j] = b[:, qi[:, 0] == j].sum(1)
+    want_ss = torch.stack([want_ts[ti[:, 0] == i].sum(0) for i in range(n_seq)])
+    want_st = torch.stack([b[ti[:, 0] == i].sum(0) for i in range(n_seq)])
+    tol = {"rtol": 1e-5, "atol": 1e-6 * float(b.abs().max())}  # float32 sums of up to 25 terms
+    torch.testing.assert_close(tok.aggregate().double(), want_ts, **tol)
+    torch.testing.assert_close(tok.aggregate(train="sequence", query="sequence").double(), want_ss, **tol)
+    torch.testing.assert_close(tok.aggregate(train="sequence", query="token").double(), want_st, **tol)
+    assert torch.equal(tok.sequence_bif(), tok.aggregate(train="sequence", query="sequence"))
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        tok.aggregate(query="sentence")
+    seq = compute_bif(model, train, query, loss_fn=_seq_mean_loss, config=dataclasses.replace(cfg, num_draws=2))
+    with pytest.raises(ValueError, match="per-token result"):
+        seq.aggregate()
+
+
 def test_per_token_ignored_positions_are_left_out():
     model, train, query = _per_token_problem()
 
