@@ -501,7 +501,10 @@ def compute_bif(
             "sampler_backend": opt.resolved_backend,
             "chain_batch": group,
             "cov_dtype": str(cov_dtype).removeprefix("torch."),
-            "eval_batch_size": {"train": eval_sizes[0], "query": eval_sizes[1]},
+            "eval_batch_size": {  # a DataLoader's own batch size (None: batches from its batch_sampler)
+                name: data.batch_size if isinstance(data, DataLoader) else size
+                for name, data, size in (("train", train, eval_sizes[0]), ("query", query, eval_sizes[1]))
+            },
         }
         if pooled.count < 2:
             raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)

@@ -215,6 +215,16 @@ def test_per_token_evaluation_batches_are_capped_in_tokens():
                         config=dataclasses.replace(cfg, eval_max_tokens=None))  # fmt: skip
     auto = compute_bif(model, train, query, loss_fn=_token_loss, per_token=True, config=cfg)
     assert capped.diagnostics["eval_batch_size"] == {"train": 2, "query": 2}
+    # Item-collated datasets are probed the same way; a DataLoader's own batches are kept as given.
+    items = compute_bif(model, _ItemDataset(train), _ItemDataset(query), loss_fn=_token_loss, per_token=True,
+                        sgld_data=train, config=dataclasses.replace(cfg, eval_max_tokens=11))  # fmt: skip
+    assert items.diagnostics["eval_batch_size"] == {"train": 2, "query": 2}
+    torch.testing.assert_close(items.bif, capped.bif, rtol=1e-6, atol=1e-12)
+    loaders = compute_bif(model, DataLoader(train, batch_size=3), DataLoader(query, batch_size=3), per_token=True,
+                          loss_fn=_token_loss, sgld_data=train,
+                          config=dataclasses.replace(cfg, eval_max_tokens=11))  # fmt: skip
+    assert loaders.diagnostics["eval_batch_size"] == {"train": 3, "query": 3}
+    torch.testing.assert_close(loaders.bif, capped.bif, rtol=1e-5, atol=1e-9)
     assert whole.diagnostics["eval_batch_size"] == auto.diagnostics["eval_batch_size"] == {"train": 64, "query": 64}
     torch.testing.assert_close(capped.bif, whole.bif, rtol=1e-5, atol=1e-9)
     assert torch.equal(capped.train_index, whole.train_index) and torch.equal(capped.query_index, whole.query_index)
