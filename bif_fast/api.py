@@ -596,17 +596,22 @@ def _try_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, pe
 
 
 class _Pool:
-    """The pooled accumulator, the per-chain batch means for the standard error (Welford over chains:
-    the mean and the sum of squared deviations of the per-chain covariances, no cancellation in float32),
-    and which chains diverged. A chain's accumulator is checked once (one host read) and merged only if
-    it is finite."""
+    """The pooled accumulator, the per-chain batch-means state for the standard error, and which chains
+    diverged. A chain's accumulator is checked once (one host read) and merged only if it is finite.
+
+    Standard error without a matrix for the mean of the per-chain covariances: with every chain holding
+    the same k draws, the pooled co-moment is the sum of the chains' co-moments plus the between-chain
+    scatter ``k * sum_c (mu_c - mu)(mu_c - mu)^T`` (rank < chains, from the stored per-chain mean
+    vectors), so that mean is read off the pool. Each chain's deviation from it goes into ``m2`` by
+    Welford's update over chains (no E[c^2] - E[c]^2 cancellation in float32). The n x p state is then
+    the pool, the chain's own accumulator and ``m2``."""
 
     def __init__(self, n: int, p: int, device, dtype, config: BIFConfig):
         self.pooled = RunningCrossCovariance(n, p, device=device, dtype=dtype)
         self.stderr_on = config.compute_stderr and config.num_chains > 1
-        self.mean = torch.zeros(n, p, device=device, dtype=dtype) if self.stderr_on else None
         self.m2 = torch.zeros(n, p, device=device, dtype=dtype) if self.stderr_on else None
-        self.chains_in_stderr = 0
+        self.means: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chain in the stderr: (mean_x, mean_y)
+        self.k: int | None = None
         self.diverged = [False] * config.num_chains
         self.survivors = 0
 
@@ -620,25 +625,39 @@ class _Pool:
                 self.pooled.reset()
             return
         self.survivors += 1
-        if acc is not self.pooled:
-            self.pooled.merge(acc)
-        if self.stderr_on and acc.count >= 2 and acc is not self.pooled:
-            self.chains_in_stderr += 1
-            m = self.chains_in_stderr
-            # delta = cov_c - mean, built in the chain's co-moment (merged above, not read again).
-            delta = acc._comoment.mul_(1.0 / (acc.count - 1)).sub_(self.mean)
-            self.mean.add_(delta, alpha=1.0 / m)
-            self.m2.addcmul_(delta, delta, value=(m - 1) / m)
+        if acc is self.pooled:
+            logger.info("bif_fast: chain %d done in %.2f s", c, seconds)
+            return
+        if self.stderr_on and (acc.count < 2 or self.k not in (None, acc.count)):
+            self._drop_stderr(f"chain {c} has {acc.count} draws")
+        if self.stderr_on:
+            self.means.append((acc._mean_x.clone(), acc._mean_y.clone()))
+            self.k = acc.count
+        self.pooled.merge(acc)
+        m = len(self.means)
+        if self.stderr_on and m >= 2:
+            k = self.k
+            mx = torch.stack([x for x, _ in self.means])  # [m, n] float64
+            my = torch.stack([y for _, y in self.means])  # [m, p]
+            dx, dy = mx - mx.mean(0), my - my.mean(0)
+            # e = cov_c - mean of the m chain covariances, built in the chain's co-moment (merged above):
+            # mean = (pooled - k dx^T dy) / ((k - 1) m).
+            e = acc._comoment.mul_(1.0 / (k - 1)).sub_(self.pooled._comoment, alpha=1.0 / ((k - 1) * m))
+            e.addmm_(dx.T.to(e.dtype), dy.to(e.dtype), alpha=k / ((k - 1) * m))
+            self.m2.addcmul_(e, e, value=m / (m - 1))  # Welford: (c - mean_old)(c - mean_new)
             acc._count = 0  # its state is no longer a valid accumulator until reset
         logger.info("bif_fast: chain %d done in %.2f s", c, seconds)
 
+    def _drop_stderr(self, why: str) -> None:
+        logger.warning("bif_fast: no standard error (%s; batch means need >= 2 draws, the same in every chain)", why)
+        self.stderr_on, self.m2, self.means = False, None, []
+
     def stderr(self) -> torch.Tensor | None:
-        """Batch-means standard error of the BIF over the surviving chains, built in place (frees the sums)."""
-        mean, m2, m = self.mean, self.m2, self.chains_in_stderr
-        self.mean = self.m2 = None
+        """Batch-means standard error of the BIF over the surviving chains, built in place (frees ``m2``)."""
+        m2, m = self.m2, len(self.means)
+        self.m2 = None
         if not self.stderr_on or m < 2:
             return None
-        del mean
         return m2.div_(m * (m - 1)).sqrt_()
 
 

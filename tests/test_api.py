@@ -457,6 +457,15 @@ def test_pool_stderr_is_the_spread_of_the_per_chain_covariances(dtype):
     se = pool.stderr()
     assert se.dtype == dtype
     assert float(((se.double() - want_se) / want_se).abs().max()) <= (1e-9 if dtype == torch.float64 else 2e-3)
+    # Batch means need the same number of draws in every chain: otherwise no standard error, said so.
+    odd = _Pool(n, p, "cpu", dtype, cfg)
+    for c, k in enumerate((draws, draws - 1)):
+        acc = RunningCrossCovariance(n, p, dtype=dtype)
+        acc.update(
+            torch.randn(k, n, generator=g, dtype=torch.float64), torch.randn(k, p, generator=g, dtype=torch.float64)
+        )
+        odd.add(c, acc, False, 0.0)
+    assert odd.stderr() is None and odd.pooled.count == 2 * draws - 1
 
 
 def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch):
