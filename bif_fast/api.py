@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,7 +567,17 @@ def _chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: in
 def _try_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, per_token: bool, sgld_source, device,
                      modes: _Modes, train, query) -> tuple[ChainBatch | None, str | None]:  # fmt: skip
     """Build a ``ChainBatch`` and check it against the plain model at w*: every chain's losses on all
-    evaluation batches, and its gradient on one SGLD minibatch. Returns (batch, None) or (None, reason)."""
+    evaluation batches, and its gradient on one SGLD minibatch. Returns (batch, None) or (None, reason).
+    Warnings raised by the trial itself (e.g. torch's "no batching rule, falling back" for an op vmap
+    runs slowly) are held back: the outcome is logged instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _trial_chain_batch(model, opt, loss_fn, config, size, per_token, sgld_source, device, modes,
+                                  train, query)  # fmt: skip
+
+
+def _trial_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, per_token: bool, sgld_source,
+                       device, modes: _Modes, train, query) -> tuple[ChainBatch | None, str | None]:  # fmt: skip
     params = [q for seg in opt._segments for q in seg.params]
     try:
         batch = ChainBatch(model, params, loss_fn, config.sgld, seed=config.seed, size=size,
