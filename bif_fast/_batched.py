@@ -13,8 +13,8 @@ launches on a GPU, framework dispatch on a CPU); the sampler update is one fused
 
 Models that vmap cannot run unchanged (data-dependent Python control flow, ``.item()``, in-place
 updates of buffers in train mode such as BatchNorm statistics, dropout in train mode, custom autograd
-Functions without a vmap rule) are detected before sampling by ``ChainBatch.check``, and
-``compute_bif`` then runs the chains one by one.
+Functions without a vmap rule) are detected before sampling (``compute_bif`` checks a batch's losses
+and gradient against the plain model at w*) and the chains then run one by one.
 """
 
 from __future__ import annotations

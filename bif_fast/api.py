@@ -572,38 +572,32 @@ def _try_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, pe
     runs slowly) are held back: the outcome is logged instead."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _trial_chain_batch(model, opt, loss_fn, config, size, per_token, sgld_source, device, modes,
-                                  train, query)  # fmt: skip
-
-
-def _trial_chain_batch(model, opt: SGLD, loss_fn, config: BIFConfig, size: int, per_token: bool, sgld_source,
-                       device, modes: _Modes, train, query) -> tuple[ChainBatch | None, str | None]:  # fmt: skip
-    params = [q for seg in opt._segments for q in seg.params]
-    try:
-        batch = ChainBatch(model, params, loss_fn, config.sgld, seed=config.seed, size=size,
-                           backend=opt.resolved_backend, per_token=per_token)  # fmt: skip
-        batch.reset(list(range(size)))
-        modes.eval()
-        for batches, units, ref in (train, query):
-            got = units.gather_rows(batch.evaluate(batches), out=torch.empty(size, units.n, device=device))
-            err = float((got - ref).abs().max())
-            if not err <= 1e-4 * (1.0 + float(ref.abs().max())):
-                return None, f"vmapped losses differ from the model's at w* (max abs {err:.3g})"
-        modes.restore()
-        trial = _to_device(next(_sgld_batches(sgld_source, config.batch_size, config.seed, 0, device)), device)
-        got = batch.gradient(stack_batches([trial] * size)).clone()
-        loss = _minibatch_loss(loss_fn(model, trial), per_token)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        want = torch.cat(
-            [(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(params, grads, strict=True)]
-        )
-        scale = float(want.abs().max())
-        err = float((got.float() - want.float()).abs().max())
-        if not err <= 1e-3 * scale + 1e-6:
-            return None, f"vmapped gradients differ from the model's at w* (max abs {err:.3g}, scale {scale:.3g})"
-    except Exception as exc:  # vmap cannot run this model or loss_fn unchanged
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return batch, None
+        params = [q for seg in opt._segments for q in seg.params]
+        try:
+            batch = ChainBatch(model, params, loss_fn, config.sgld, seed=config.seed, size=size,
+                               backend=opt.resolved_backend, per_token=per_token)  # fmt: skip
+            batch.reset(list(range(size)))
+            modes.eval()
+            for batches, units, ref in (train, query):
+                got = units.gather_rows(batch.evaluate(batches), out=torch.empty(size, units.n, device=device))
+                err = float((got - ref).abs().max())
+                if not err <= 1e-4 * (1.0 + float(ref.abs().max())):
+                    return None, f"vmapped losses differ from the model's at w* (max abs {err:.3g})"
+            modes.restore()
+            trial = _to_device(next(_sgld_batches(sgld_source, config.batch_size, config.seed, 0, device)), device)
+            got = batch.gradient(stack_batches([trial] * size)).clone()
+            loss = _minibatch_loss(loss_fn(model, trial), per_token)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            want = torch.cat(
+                [(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(params, grads, strict=True)]
+            )
+            scale = float(want.abs().max())
+            err = float((got.float() - want.float()).abs().max())
+            if not err <= 1e-3 * scale + 1e-6:
+                return None, f"vmapped gradients differ from the model's at w* (max abs {err:.3g}, scale {scale:.3g})"
+        except Exception as exc:  # vmap cannot run this model or loss_fn unchanged
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return batch, None
 
 
 class _Pool:
