@@ -7,7 +7,7 @@ checks their BIF matrices agree (relative max difference) before timing counts. 
 per-sample cross-entropy or squared error (vmap's batching rule for ``cross_entropy`` is slower than
 its plain kernel, so both are shown). On a CPU the batched path pays where per-call dispatch
 dominates (small models, little data per draw) and loses where the matrix products dominate; this is
-what ``chain_batch='auto'`` encodes (``bif_fast.api._AUTO_BATCH_CPU_WORK``: parameters x evaluation
+what ``chain_batch='auto'`` encodes (``bif_fast.engine.chains._AUTO_BATCH_CPU_WORK``: parameters x evaluation
 rows). On a GPU, where every small launch costs microseconds, the batched path is the default for
 models up to 4M sampled parameters.
 

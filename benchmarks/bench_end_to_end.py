@@ -280,7 +280,7 @@ def floor(prob: dict, spec: dict) -> None:
     # The evaluation batches compute_bif makes by default: eval_batch_size=256 units, and per token at
     # most eval_max_tokens="auto" loss positions (2,048 on a CPU: 32 sequences of 63 positions).
     from bif_fast import BIFConfig
-    from bif_fast.api import AUTO_EVAL_TOKENS
+    from bif_fast.engine.run import AUTO_EVAL_TOKENS
 
     ev, bs = BIFConfig().eval_batch_size, spec["batch_size"]
     if per_token:
@@ -300,9 +300,8 @@ def floor(prob: dict, spec: dict) -> None:
                 idx = order[s * bs : (s + 1) * bs]
                 batch = tuple(t[idx] for t in train)
                 model.zero_grad(set_to_none=False)  # gradients accumulate in place, as in compute_bif
-                out = loss_fn(model, batch if not per_token else batch[0])
-                loss = out.sum() / (out.detach() != 0).sum().clamp_min(1) if per_token else out.mean()
-                loss.backward()
+                # The sequences are unpadded, so per token every position counts: the SGLD loss is the mean.
+                loss_fn(model, batch if not per_token else batch[0]).mean().backward()
     model.zero_grad(set_to_none=True)
 
 

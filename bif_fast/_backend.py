@@ -12,12 +12,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
+# What a caller may request, and what ``resolve_backend`` turns it into (never ``auto``).
 Backend = Literal["auto", "triton", "ext", "torch"]
+ResolvedBackend = Literal["triton", "ext", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "ext", "torch")
+RESOLVED_BACKENDS: tuple[str, ...] = ("triton", "ext", "torch")
 
 # The fast backends of each op, besides the torch reference, in the order `auto` tries them on a CUDA
 # device; on the CPU the compiled extension goes first (Triton there is only the test interpreter).
@@ -40,6 +43,7 @@ def _warn_once(op: str, reason: str) -> None:
 
 
 def triton_interpret() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -77,13 +81,14 @@ def _unavailable_reason(backend: str, device: torch.device, op: str) -> str | No
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def resolve_backend(op: str, device: torch.device | str, requested: str = "auto") -> str:
+def resolve_backend(op: str, device: torch.device | str, requested: Backend = "auto") -> ResolvedBackend:
     """Resolve the backend for ``op`` on ``device``.
 
     Args:
         op (str): one of ``running_cov``, ``sgld_update``, ``cross_entropy``.
         device (torch.device | str): where the op's tensors live.
-        requested (str): ``auto`` | ``triton`` | ``ext`` | ``torch``; ``BIF_FAST_BACKEND`` overrides it.
+        requested (Backend): ``auto`` | ``triton`` | ``ext`` | ``torch``; ``BIF_FAST_BACKEND`` overrides it.
+            Default: ``auto``.
 
     Returns:
         The concrete backend name (never ``auto``).
@@ -95,24 +100,22 @@ def resolve_backend(op: str, device: torch.device | str, requested: str = "auto"
     if op not in _OP_FAST_BACKENDS:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(_OP_FAST_BACKENDS)}")
     device = torch.device(device)
-    requested = os.environ.get("BIF_FAST_BACKEND", requested) or "auto"
-    if requested not in BACKENDS:
-        raise ValueError(
-            f"unknown backend {requested!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}"
-        )
-    fast = _candidates(op, device, requested)
-    if requested != "auto":
-        if requested != "torch" and requested not in fast:
-            raise RuntimeError(f"op {op} has no {requested} backend; it has {', '.join(fast)} and torch")
-        reason = _unavailable_reason(requested, device, op)
+    name = os.environ.get("BIF_FAST_BACKEND", requested) or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (from argument or BIF_FAST_BACKEND); expected one of {BACKENDS}")
+    fast = _candidates(op, device, name)
+    if name != "auto":
+        if name != "torch" and name not in fast:
+            raise RuntimeError(f"op {op} has no {name} backend; it has {', '.join(fast)} and torch")
+        reason = _unavailable_reason(name, device, op)
         if reason is not None:
-            raise RuntimeError(f"backend {requested!r} requested for {op} but unavailable: {reason}")
-        return requested
+            raise RuntimeError(f"backend {name!r} requested for {op} but unavailable: {reason}")
+        return cast(ResolvedBackend, name)
     reasons = []
     for backend in fast:
         reason = _unavailable_reason(backend, device, op)
         if reason is None:
-            return backend
+            return cast(ResolvedBackend, backend)
         reasons.append(reason)
     if reasons:
         _warn_once(op, "; ".join(reasons))

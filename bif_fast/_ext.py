@@ -1,6 +1,7 @@
 """Guarded import of the compiled extension ``bif_fast._C``.
 
-``HAS_EXT`` says whether it loaded; ``EXT_IMPORT_ERROR`` says why not. ``BIF_FAST_DISABLE_EXT=1``
+``HAS_EXT`` says whether it loaded, ``EXT_IMPORT_ERROR`` why not; ``C`` is the loaded module (None when
+it did not load). ``BIF_FAST_DISABLE_EXT=1``
 skips loading it (the escape hatch when a stale build misbehaves).
 """
 
@@ -11,7 +12,7 @@ from types import ModuleType
 
 import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
-_C: ModuleType | None = None
+C: ModuleType | None = None
 HAS_EXT: bool = False
 EXT_IMPORT_ERROR: str | None = None
 
@@ -21,7 +22,7 @@ else:
     try:
         from bif_fast import _C as _loaded  # type: ignore[attr-defined]
 
-        _C = _loaded
+        C = _loaded
         HAS_EXT = True
     except ImportError as exc:
         EXT_IMPORT_ERROR = (
@@ -32,4 +33,4 @@ else:
 
 def ext_has_cuda() -> bool:
     """Whether the loaded extension was compiled with its CUDA kernels."""
-    return _C is not None and bool(_C.built_with_cuda())
+    return C is not None and bool(C.built_with_cuda())

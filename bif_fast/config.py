@@ -77,6 +77,12 @@ class SGLDConfig:
         ):
             fail("bounding_box_size", "must be None or a finite number > 0")
 
+    @property
+    def needs_state(self) -> bool:
+        """Whether the sampler keeps a per-parameter fp32 state between steps: BAOAB's velocity or
+        RMSprop's squared-gradient average V (plain SGLD keeps none)."""
+        return self.sampler == "baoab" or self.precondition == "rmsprop"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -6,14 +6,15 @@ mean of the same ``loss_fn`` over an SGLD minibatch as the sampler's loss, so th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from bif_fast._backend import Backend
 from bif_fast.ops import per_token_cross_entropy
 
-__all__ = ["causal_lm"]
+__all__ = ["CausalLMLoss", "causal_lm"]
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -48,15 +49,55 @@ def _check_supported(model: torch.nn.Module) -> None:
         )
 
 
+class CausalLMLoss:
+    """``loss_fn(model, batch) -> Tensor[B, T-1]``: per-token next-token NLL of a Hugging Face causal LM, with
+    ``loss_mask(batch)``, the declared positions that count (``compute_bif`` takes its units from it).
+    Made by ``causal_lm``."""
+
+    def __init__(self, ignore_index: int, backend: Backend):
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    def targets(self, batch: Any) -> torch.Tensor:
+        """`[B, T-1]` next-token targets: the inputs shifted by one, padding set to ``ignore_index``."""
+        input_ids, attention_mask = _unpack(batch)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be [B, T] with T >= 2, got {list(input_ids.shape)}")
+        targets = input_ids[:, 1:].clone()
+        if attention_mask is not None:
+            targets[attention_mask[:, 1:] == 0] = self.ignore_index
+        return targets
+
+    def loss_mask(self, batch: Any) -> torch.Tensor:
+        """`[B, T-1]` bool: true where the target is not ignored (padding is; a confident token is not)."""
+        return self.targets(batch) != self.ignore_index
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        _check_supported(model)
+        input_ids, attention_mask = _unpack(batch)
+        targets = self.targets(batch)
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, H]
+        head = model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return per_token_cross_entropy(
+            hidden[:, :-1], head.weight.to(hidden.dtype), targets,
+            bias=None if bias is None else bias.to(hidden.dtype), ignore_index=self.ignore_index,
+            backend=self.backend,
+        )  # fmt: skip
+
+
 def causal_lm(
-    model: torch.nn.Module | None = None, *, ignore_index: int = -100, backend: str = "auto"
-) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    model: torch.nn.Module | None = None, *, ignore_index: int = -100, backend: Backend = "auto"
+) -> CausalLMLoss:
     """Per-token next-token NLL of a Hugging Face causal LM, without materialising its logits.
 
     The returned ``loss_fn(model, batch)`` runs the model's base (``model.base_model``: GPT-NeoX/Pythia,
     GPT-2, Llama-style) to its last hidden state and applies ``per_token_cross_entropy`` with the output
     embedding, so the ``[B, T, V]`` logits never exist. Targets are the inputs shifted by one; a target
-    that is padding (``attention_mask == 0``) is ignored and its loss is 0, as in Hugging Face's own loss.
+    that is padding (``attention_mask == 0``) is ignored: its loss is 0, as in Hugging Face's own loss,
+    and ``loss_fn.loss_mask(batch)`` declares it, so ``compute_bif`` leaves it out of the units whatever
+    the loss values.
 
     Args:
         model (nn.Module | None): checked up front for support when given (optional).
@@ -76,22 +117,4 @@ def causal_lm(
     """
     if model is not None:
         _check_supported(model)
-
-    def loss_fn(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        _check_supported(model)
-        input_ids, attention_mask = _unpack(batch)
-        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-            raise ValueError(f"input_ids must be [B, T] with T >= 2, got {list(input_ids.shape)}")
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, H]
-        head = model.get_output_embeddings()
-        targets = input_ids[:, 1:].clone()
-        if attention_mask is not None:
-            targets[attention_mask[:, 1:] == 0] = ignore_index
-        bias = getattr(head, "bias", None)
-        return per_token_cross_entropy(
-            hidden[:, :-1], head.weight.to(hidden.dtype), targets,
-            bias=None if bias is None else bias.to(hidden.dtype), ignore_index=ignore_index, backend=backend,
-        )  # fmt: skip
-
-    return loss_fn
+    return CausalLMLoss(ignore_index, backend)

@@ -55,11 +55,10 @@ def _trace_svg(traces: list[list[float]], width: int = 560, height: int = 140) -
 
 def write_report(result, train_texts: list[str], query_texts: list[str], out_dir: str | Path, k: int = 3) -> Path:
     """Write ``out_dir/index.html`` for a per-token BIF over byte-level ``train_texts`` × ``query_texts``."""
-    from bif_fast.demo import passage_scores
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores = passage_scores(result, len(train_texts), len(query_texts))
+    # Each passage's normalised BIF averaged over its token pairs with the query (see the page's text).
+    scores = result.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean").double().cpu()
     m = result.bif_normalized.double().cpu()
     rows, pos = result.train_index[:, 0], result.train_index[:, 1]
     qrows = result.query_index[:, 0]

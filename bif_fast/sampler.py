@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from bif_fast._backend import resolve_backend
+from bif_fast._backend import Backend, resolve_backend
 from bif_fast.config import SGLDConfig
-from bif_fast.ops import _sgld_update_resolved, philox_normal_
-from bif_fast.reference.philox import INIT_VELOCITY_STEP
+from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["SGLD"]
 
@@ -79,7 +78,7 @@ class SGLD(torch.optim.Optimizer):
         *,
         seed: int = 0,
         chain: int = 0,
-        backend: str = "auto",
+        backend: Backend = "auto",
     ) -> None:
         config = SGLDConfig() if config is None else config
         if not isinstance(config, SGLDConfig):
@@ -145,16 +144,16 @@ class SGLD(torch.optim.Optimizer):
         return segments
 
     def _init_state(self) -> None:
-        cfg = self.config
         for seg in self._segments:
-            if cfg.sampler == "baoab":
+            if seg.state is None and self.config.needs_state:
                 seg.state = torch.empty_like(seg.master)
-                philox_normal_(
-                    seg.state, seed=self.seed, chain=self.chain, step=INIT_VELOCITY_STEP, offset=seg.offset,
-                    backend=self.resolved_backend,
-                )  # fmt: skip
-            elif cfg.precondition == "rmsprop":
-                seg.state = torch.zeros_like(seg.master)
+            init_sampler_state_(seg.state, self.config, seed=self.seed, chain=self.chain, offset=seg.offset,
+                                backend=self.resolved_backend)  # fmt: skip
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The sampled parameters in the canonical order (by dtype, then as given; duplicates once)."""
+        return [p for seg in self._segments for p in seg.params]
 
     @property
     def numel(self) -> int:
@@ -185,15 +184,16 @@ class SGLD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step()
+        self.raw_step()
         return loss
 
     @torch.no_grad()
-    def _step(self) -> None:
-        # The step itself, without torch.optim's per-call hooks (compute_bif calls it directly).
+    def raw_step(self) -> None:
+        """One sampler step, without the closure and torch.optim's per-call hook dispatch of ``step()``
+        (which a small model pays for at every step)."""
         for seg in self._segments:
             self._gather_grads(seg)
-            _sgld_update_resolved(
+            sgld_update_resolved_(
                 self.resolved_backend,
                 seg.master,
                 seg.flat_grad,
@@ -230,6 +230,13 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = 0
         self.diverged_flag.zero_()
         self._init_state()
+
+    def distance(self) -> torch.Tensor:
+        """``||w - w*||`` over the sampled parameters (fp32 masters), a 0-d tensor read without a host sync."""
+        segs = self._segments
+        if len(segs) == 1 and segs[0].anchor.dtype == torch.float32:
+            return torch.dist(segs[0].master, segs[0].anchor)
+        return sum((seg.master - seg.anchor.float()).square().sum() for seg in segs).sqrt()
 
     def _view_of(self, p: torch.Tensor, buffer: str) -> torch.Tensor:
         for seg in self._segments:

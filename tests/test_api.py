@@ -103,13 +103,19 @@ def test_same_seed_same_result_and_model_left_exactly_at_w_star():
 
 
 def test_chain_results_do_not_depend_on_how_many_chains_run():
-    """Chain c is seeded by its index: the first chain of a 1-chain and of a 3-chain run is the same chain."""
+    """Chain c is seeded by its index: the first chain of a 1-chain and of a 3-chain run is the same chain,
+    bit for bit when both run one by one, and up to rounding when the three run batched."""
     model, train, query, *_ = _linear_problem()
     one = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=1))
-    three = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=3))
+    three = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=3, chain_batch=1))
+    batched = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(20, chains=3, chain_batch=3))
+    assert one.diagnostics["chain_batch"] == three.diagnostics["chain_batch"] == 1
+    assert batched.diagnostics["chain_batch"] == 3
     t1, t3 = one.diagnostics["chain_mean_train_loss"], three.diagnostics["chain_mean_train_loss"]
     assert t1[0] == t3[0]
     assert t3[1] != t3[0]
+    torch.testing.assert_close(torch.tensor(batched.diagnostics["chain_mean_train_loss"]), torch.tensor(t3),
+                               rtol=1e-5, atol=0.0)  # fmt: skip
 
 
 class _BatchNormNet(torch.nn.Module):
@@ -166,12 +172,13 @@ def test_diverged_chain_is_reported_and_left_out():
 
 def test_every_chain_diverging_raises_with_diagnostics():
     model, train, query, *_ = _linear_problem()
+    w_star = model.weight.detach().clone()
     cfg = dataclasses.replace(_config(5, chains=2), sgld=SGLDConfig(lr=10.0, nbeta=1e8, localization=0.0))
     with pytest.raises(BIFError, match="every chain diverged") as info:
         compute_bif(model, train, query, loss_fn=_sq_loss, config=cfg)
     assert info.value.diagnostics["diverged"] == [True, True]
-    assert torch.equal(model.weight.detach(), model.weight.detach())  # still a usable model
-    assert torch.isfinite(model.weight).all()
+    # The model is back at w* exactly, with no gradient left behind: still usable.
+    assert torch.equal(model.weight.detach(), w_star) and model.weight.grad is None
 
 
 def _per_token_problem():
@@ -263,18 +270,69 @@ def test_per_token_aggregates_are_sums_of_token_blocks():
         seq.aggregate()
 
 
-def test_per_token_ignored_positions_are_left_out():
+def _padded_token_loss(m, batch):
+    """The last two positions are padding: declared by the mask, and their losses are garbage (not 0)."""
+    out = _token_loss(m, batch)
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[:, -2:] = False
+    return out.masked_fill(~mask, 123.0), mask
+
+
+class _MaskMethodLoss:
+    """The other declaration: a ``loss_mask(batch)`` method, as ``bif_fast.losses.causal_lm`` has."""
+
+    def __call__(self, m, batch):
+        out = _token_loss(m, batch)
+        out[:, -2:] = 0.0
+        return out
+
+    def loss_mask(self, batch):
+        mask = torch.ones(batch[1].shape, dtype=torch.bool)
+        mask[:, -2:] = False
+        return mask
+
+
+@pytest.mark.parametrize("loss_fn", [_padded_token_loss, _MaskMethodLoss()], ids=["tuple", "method"])
+def test_per_token_declared_ignored_positions_are_left_out(loss_fn):
+    model, train, query = _per_token_problem()
+    cfg = dataclasses.replace(_config(10, chains=2), batch_size=7)
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=cfg, per_token=True)
+    assert res.bif.shape == (7 * 3, 3 * 3)
+    assert res.train_index[:, 1].max() == 2
+    # The kept units are the same units of the unmasked run: the same chains (the SGLD loss is the mean over
+    # the declared positions, so compare against a run whose loss only has those positions).
+    short = compute_bif(model, _first_positions(train, 3), _first_positions(query, 3), loss_fn=_token_loss,
+                        config=cfg, per_token=True)  # fmt: skip
+    torch.testing.assert_close(res.bif, short.bif, rtol=1e-5, atol=1e-9)
+
+
+def _first_positions(data: TensorDataset, t: int) -> TensorDataset:
+    return TensorDataset(*(x[:, :t] for x in data.tensors))
+
+
+def test_per_token_a_zero_loss_is_a_unit():
+    """Units come from what is declared ignored, never from the loss value: a position whose loss is
+    exactly 0 at w* (a confidently predicted token) stays a row and a column."""
     model, train, query = _per_token_problem()
 
     def loss_fn(m, batch):
         out = _token_loss(m, batch)
-        out[:, -2:] = 0.0  # the last two positions are padding
-        return out
+        return out - out.detach()[:, :1] * torch.tensor([1.0, 0, 0, 0, 0])  # position 0: exactly 0 at w*
 
-    cfg = dataclasses.replace(_config(10, chains=1), batch_size=7)
+    cfg = dataclasses.replace(_config(10, chains=2), batch_size=7)
     res = compute_bif(model, train, query, loss_fn=loss_fn, config=cfg, per_token=True)
-    assert res.bif.shape == (7 * 3, 3 * 3)
-    assert res.train_index[:, 1].max() == 2 and res.stderr is None
+    assert res.bif.shape == (7 * 5, 3 * 5)
+    assert res.train_index[0].tolist() == [0, 0] and res.query_index[0].tolist() == [0, 0]
+
+
+def test_per_token_bad_masks_raise():
+    model, train, query = _per_token_problem()
+    cfg = dataclasses.replace(_config(4, chains=2), batch_size=7)
+    for bad, match in ((lambda m, b: (_token_loss(m, b), torch.ones(3)), "loss mask"),
+                       (lambda m, b: (_token_loss(m, b), torch.zeros_like(_token_loss(m, b), dtype=torch.bool)),
+                        "no units")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            compute_bif(model, train, query, loss_fn=bad, config=cfg, per_token=True)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -282,6 +340,8 @@ def test_save_load_round_trip(tmp_path):
     res = compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(10, chains=2))
     res.save(tmp_path / "run")
     back = BIFResult.load(tmp_path / "run")
+    # The tensor-name list is class data, not a constructor argument or part of equality.
+    assert "tensor_names" not in {f.name for f in dataclasses.fields(BIFResult)}
     assert torch.equal(back.bif, res.bif) and torch.equal(back.stderr, res.stderr)
     assert back.config == res.config and back.diagnostics == res.diagnostics
     vals, idx = back.topk(3)
@@ -421,16 +481,16 @@ def test_float64_losses_stay_float64():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_pool_stderr_is_the_spread_of_the_per_chain_covariances(dtype):
-    """_Pool against numpy-style references: the pooled covariance of the surviving chains' draws, and the
+    """Pool against numpy-style references: the pooled covariance of the surviving chains' draws, and the
     standard error std(per-chain covariances, ddof=1) / sqrt(chains). Covariances ~10 that differ by ~1e-3
     between chains: sums of squares in float32 would cancel to noise, Welford over chains does not."""
-    from bif_fast.api import _Pool
+    from bif_fast.engine.pool import Pool
     from bif_fast.ops import RunningCrossCovariance
 
     g = torch.Generator().manual_seed(5)
     n, p, draws, chains = 7, 5, 40, 4
     cfg = BIFConfig(num_chains=chains, num_draws=draws, cov_dtype="float32" if dtype == torch.float32 else "float64")
-    pool = _Pool(n, p, "cpu", dtype, cfg)
+    pool = Pool(n, p, "cpu", dtype, cfg)
     kept_x, kept_y, covs = [], [], []
     z = torch.randn(draws, 1, generator=g, dtype=torch.float64)  # shared: the chains' covariances are close
     for c in range(chains):
@@ -458,7 +518,7 @@ def test_pool_stderr_is_the_spread_of_the_per_chain_covariances(dtype):
     assert se.dtype == dtype
     assert float(((se.double() - want_se) / want_se).abs().max()) <= (1e-9 if dtype == torch.float64 else 2e-3)
     # Batch means need the same number of draws in every chain: otherwise no standard error, said so.
-    odd = _Pool(n, p, "cpu", dtype, cfg)
+    odd = Pool(n, p, "cpu", dtype, cfg)
     for c, k in enumerate((draws, draws - 1)):
         acc = RunningCrossCovariance(n, p, dtype=dtype)
         acc.update(
@@ -474,7 +534,7 @@ def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch
     import gc
     import weakref
 
-    from bif_fast import api
+    from bif_fast.engine import pool
     from bif_fast.ops import RunningCrossCovariance
 
     live: list[weakref.ref] = []
@@ -490,7 +550,7 @@ def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch
             alive_at_output.append(sum(r() is not None for r in live))
             return super().correlation()
 
-    monkeypatch.setattr(api, "RunningCrossCovariance", Tracked)
+    monkeypatch.setattr(pool, "RunningCrossCovariance", Tracked)
     model, train, query, *_ = _linear_problem()
     for chain_batch in (1, 3):
         live.clear()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import bif_fast._batched as batched_mod
+import bif_fast.engine.batched as batched_mod
 import bif_fast.sampler as sampler_mod
 from bif_fast import BIFConfig, BIFError, SGLDConfig, compute_bif
-from bif_fast.api import _chain_batch_size
+from bif_fast.engine.chains import chain_batch_size
 
 SAMPLERS = {
     "sgld": SGLDConfig(lr=2e-3, nbeta=50.0, localization=100.0),
@@ -93,7 +93,9 @@ def _token_problem():
 def _token_loss(model, batch):
     x, y = batch
     out = 0.5 * (model(x).squeeze(-1) - y).square()
-    return torch.cat([out[:, :-1], torch.zeros_like(out[:, -1:])], dim=1)  # last position ignored
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[:, -1] = False  # the last position is declared ignored
+    return out, mask
 
 
 def test_batched_per_token_equals_sequential():
@@ -110,7 +112,7 @@ def test_batched_per_token_equals_sequential():
 
 def _poison_chains(monkeypatch, chains: set[int], at_step: int) -> None:
     """Make `chains` produce NaN weights at step `at_step`, in both the sequential and the batched path."""
-    real = sampler_mod._sgld_update_resolved
+    real = sampler_mod.sgld_update_resolved_
 
     def poisoned(backend, w, grad, anchor, state, **kw):
         real(backend, w, grad, anchor, state, **kw)
@@ -120,8 +122,8 @@ def _poison_chains(monkeypatch, chains: set[int], at_step: int) -> None:
                 kw["out"].fill_(float("nan"))
             kw["diverged"].fill_(1)
 
-    monkeypatch.setattr(sampler_mod, "_sgld_update_resolved", poisoned)
-    monkeypatch.setattr(batched_mod, "_sgld_update_resolved", poisoned)
+    monkeypatch.setattr(sampler_mod, "sgld_update_resolved_", poisoned)
+    monkeypatch.setattr(batched_mod, "sgld_update_resolved_", poisoned)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -193,14 +195,14 @@ def test_auto_policy():
     cfg = BIFConfig(num_chains=8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     f64 = torch.float64
-    assert _chain_batch_size(cfg, cpu, 200, 100, 30, f64, eval_rows=130) == 8  # tiny: dispatch-bound, batched
-    assert _chain_batch_size(cfg, cpu, 9882, 1000, 200, f64, eval_rows=1200) == 1  # compute-bound on a CPU
-    assert _chain_batch_size(cfg, cuda, 9882, 1000, 200, f64, eval_rows=1200) == 8
-    assert _chain_batch_size(cfg, cuda, 10**8, 1000, 200, f64, eval_rows=1200) == 1  # not a small model
-    assert _chain_batch_size(cfg, cuda, 9882, 100_000, 10_000, f64, eval_rows=1200) == 1  # accumulators too big
-    assert _chain_batch_size(dataclasses.replace(cfg, chain_batch=3), cpu, 10**8, 9, 9, f64, eval_rows=9) == 3
-    assert _chain_batch_size(dataclasses.replace(cfg, chain_batch=30), cpu, 1, 9, 9, f64, eval_rows=9) == 8
-    assert _chain_batch_size(BIFConfig(num_chains=1), cuda, 1, 9, 9, f64, eval_rows=9) == 1
+    assert chain_batch_size(cfg, cpu, 200, 100, 30, f64, eval_rows=130) == 8  # tiny: dispatch-bound, batched
+    assert chain_batch_size(cfg, cpu, 9882, 1000, 200, f64, eval_rows=1200) == 1  # compute-bound on a CPU
+    assert chain_batch_size(cfg, cuda, 9882, 1000, 200, f64, eval_rows=1200) == 8
+    assert chain_batch_size(cfg, cuda, 10**8, 1000, 200, f64, eval_rows=1200) == 1  # not a small model
+    assert chain_batch_size(cfg, cuda, 9882, 100_000, 10_000, f64, eval_rows=1200) == 1  # accumulators too big
+    assert chain_batch_size(dataclasses.replace(cfg, chain_batch=3), cpu, 10**8, 9, 9, f64, eval_rows=9) == 3
+    assert chain_batch_size(dataclasses.replace(cfg, chain_batch=30), cpu, 1, 9, 9, f64, eval_rows=9) == 8
+    assert chain_batch_size(BIFConfig(num_chains=1), cuda, 1, 9, 9, f64, eval_rows=9) == 1
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 2.0, "all"])

@@ -11,6 +11,7 @@ torch runs single-threaded here: devinterp writes its samples from background th
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -186,12 +187,41 @@ def test_sgld_minibatches_are_devinterps(problem, tmp_path, match):
               init_seed=5, device="cpu", match_sampling_input_ids_across_chains=match)  # fmt: skip
     samples = devinterp_sample(model, data, {"train": (data, 1)}, output_path=tmp_path / "s.zarr", **kw)
     ref = samples["sampling_input_ids_micro"].values  # (chain, step, 16, L)
-    sampler = _ReplayedEpochs(len(data), 8, 2, shuffle=True, seed=5, per_chain=not match)
-    loader = torch.utils.data.DataLoader(_InputIds(data), batch_sampler=sampler)
-    for chain in range(2):
-        batches = iter(loader)  # compute_bif starts one iteration per chain
+    source = _ReplayedEpochs(_InputIds(data), 8, 2, shuffle=True, seed=5, per_chain=not match)
+    for chain in (1, 0):  # asked for by index, in any order
+        batches = source.minibatches(chain)
         ours = torch.stack([next(batches) for _ in range(ref.shape[1])]).numpy()
         np.testing.assert_array_equal(ours, ref[chain])
+
+
+def test_each_chain_gets_its_own_stream_with_chain_batching_on_and_off(problem):
+    """Through compute_bif, with per-chain streams: chain c gets stream c however the chains are scheduled
+    (the batched-chain trial draws a minibatch of its own; it must not shift the streams)."""
+    from bif_fast import BIFConfig, SGLDConfig, compute_bif
+
+    model, data, _ = problem
+    asked: list[int] = []
+
+    class Recording(_ReplayedEpochs):
+        def minibatches(self, chain):
+            asked.append(chain)
+            return super().minibatches(chain)
+
+    source = Recording(_InputIds(data), 8, 1, shuffle=True, seed=5, per_chain=True)
+    obs = torch.stack([d["input_ids"] for d in data[:12]])
+    seq_loss = lambda m, ids: _default_loss(m)(m, ids).mean(1)  # noqa: E731
+    cfg = BIFConfig(sgld=SGLDConfig(lr=1e-2, nbeta=64.0, localization=10.0), num_chains=3, num_draws=12,
+                    num_steps_bw_draws=2, seed=5)  # fmt: skip
+    runs = {}
+    for batch in (1, 3):
+        asked.clear()
+        res = compute_bif(model, obs, obs, loss_fn=seq_loss, sgld_data=source,
+                          config=dataclasses.replace(cfg, chain_batch=batch))  # fmt: skip
+        assert res.diagnostics["chain_batch"] == batch
+        assert asked == ([0, 0, 1, 2] if batch == 3 else [0, 1, 2])  # the trial, then one stream per chain
+        runs[batch] = torch.tensor(res.diagnostics["chain_mean_train_loss"])
+    torch.testing.assert_close(runs[3], runs[1], rtol=1e-5, atol=0.0)
+    assert not torch.allclose(runs[1][0], runs[1][1])  # the streams (and so the chains) differ
 
 
 def _first_position_ignored(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

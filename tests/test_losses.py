@@ -97,3 +97,30 @@ def test_unsupported_models_and_batches_raise():
         loss_fn(model, {"ids": torch.zeros(1, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="T >= 2"):
         loss_fn(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_a_confident_token_whose_loss_is_exactly_zero_stays_a_unit():
+    """Units are the declared (non-padding) targets, whatever their loss: greedy continuations of a model with
+    a sharpened lm_head have float32 losses of exactly 0, and compute_bif keeps every one of them."""
+    from bif_fast import BIFConfig, SGLDConfig, compute_bif
+
+    model = _tiny_neox()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(400.0)
+        ids = torch.randint(0, 97, (4, 1), generator=torch.Generator().manual_seed(2))
+        for _ in range(7):  # greedy: every target is the argmax, with a margin far beyond float32's resolution
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    mask = torch.ones_like(ids)
+    mask[3, 5:] = 0
+    loss_fn = causal_lm(model, backend="torch")
+    batch = {"input_ids": ids, "attention_mask": mask}
+    losses = loss_fn(model, batch).detach()
+    assert torch.equal(loss_fn.loss_mask(batch), mask[:, 1:].bool())
+    assert int((losses[mask[:, 1:].bool()] == 0).sum()) >= 5  # confident tokens: float32 loss exactly 0
+    data = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)]
+    cfg = BIFConfig(sgld=SGLDConfig(lr=1e-9, nbeta=10.0), num_chains=2, num_draws=3, batch_size=2)
+    res = compute_bif(model, data, data, loss_fn=loss_fn, config=cfg, per_token=True)
+    want = int(mask[:, 1:].sum())
+    assert res.bif.shape == (want, want) and res.diagnostics["n_train_units"] == want
+    kept = {tuple(r) for r in res.train_index.tolist()}
+    assert kept == {(i, t) for i in range(4) for t in range(7) if mask[i, t + 1]}

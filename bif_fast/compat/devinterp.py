@@ -99,8 +99,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from bif_fast._backend import Backend
 from bif_fast.api import compute_bif
 from bif_fast.config import BIFConfig, SGLDConfig
 from bif_fast.losses import causal_lm
@@ -112,7 +113,6 @@ ChainReductionMethod = Literal["stack", "mean"]
 SamplingMethod = Literal["sgmcmc_sgld", "rmsprop_sgld"]
 DevinterpLossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
-_TINY = torch.finfo(torch.float32).tiny
 # Keys devinterp's sample() passes to the sampler itself; repeating them in sampling_method_kwargs is an error there.
 _SET_BY_SAMPLE = ("nbeta", "lr", "localization", "noise_level", "weight_decay", "bounding_box_size", "save_metrics")
 
@@ -156,30 +156,30 @@ class _InputIds(Dataset):
         return _ids_of(self.source[i], "dataset")
 
 
-class _ReplayedEpochs(Sampler):
-    """SGLD minibatch indices as devinterp draws them, endlessly.
+class _ReplayedEpochs:
+    """SGLD minibatches as devinterp draws them, for each chain by its index (a ``ChainMinibatches``).
 
     devinterp builds, per chain, ``DataLoader(dataset, batch_size, shuffle, generator, drop_last=True)``
-    and cycles its *first* epoch (``itertools.cycle`` replays it). Each step takes
-    ``accumulation`` consecutive micro-batches. Every ``iter()`` (one per chain in ``compute_bif``)
-    starts again; with ``per_chain`` the k-th ``iter()`` uses the seed ``seed + k``.
+    and cycles its *first* epoch (``itertools.cycle`` replays it). Each step takes ``accumulation``
+    consecutive micro-batches. Chain c's generator is seeded with ``seed + c`` when ``per_chain``, else
+    with ``seed``; ``compute_bif`` passes c explicitly, so the stream does not depend on how often (or in
+    which order) chains are started.
     """
 
-    def __init__(self, n: int, batch_size: int, accumulation: int, *, shuffle: bool, seed: int, per_chain: bool):
-        self.n, self.batch_size, self.accumulation = n, batch_size, accumulation
+    def __init__(self, dataset: Dataset, batch_size: int, accumulation: int, *, shuffle: bool, seed: int,
+                 per_chain: bool):  # fmt: skip
+        self.dataset, self.batch_size, self.accumulation = dataset, batch_size, accumulation
         self.shuffle, self.seed, self.per_chain = shuffle, seed, per_chain
-        self._iters = 0
 
     def _first_epoch(self, seed: int) -> list[list[int]]:
         # The same DataLoader devinterp builds, over indices: its first epoch is what devinterp replays.
-        loader = DataLoader(range(self.n), batch_size=self.batch_size, shuffle=self.shuffle,
+        loader = DataLoader(range(len(self.dataset)), batch_size=self.batch_size, shuffle=self.shuffle,
                             generator=torch.Generator().manual_seed(seed), drop_last=True)  # fmt: skip
         return [batch.tolist() for batch in loader]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        seed = self.seed + (self._iters if self.per_chain else 0)
-        self._iters += 1
-        micro = self._first_epoch(seed)
+    def indices(self, chain: int) -> Iterator[list[int]]:
+        """Chain ``chain``'s endless minibatch indices."""
+        micro = self._first_epoch(self.seed + (chain if self.per_chain else 0))
         k = 0
         while True:
             step: list[int] = []
@@ -187,6 +187,11 @@ class _ReplayedEpochs(Sampler):
                 step.extend(micro[k])
                 k = (k + 1) % len(micro)
             yield step
+
+    def minibatches(self, chain: int) -> Iterator[torch.Tensor]:
+        """Chain ``chain``'s endless minibatches, ``[accumulation * batch_size, L]`` input ids."""
+        for step in self.indices(chain):
+            yield torch.stack([self.dataset[i] for i in step])
 
 
 def _is_transformer_lens(model: torch.nn.Module) -> bool:
@@ -227,12 +232,8 @@ def _wrap_loss(fn: DevinterpLossFn, per_token: bool) -> Callable[[torch.nn.Modul
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"loss_fn must return per-token loss of shape {want}, got {got}")
         out = out.float()
-        if not per_token:
-            return out.mean(dim=1)
-        # compute_bif leaves out per-token losses that are exactly 0 at w* (its "ignored" marker);
-        # devinterp keeps every position, so nudge exact zeros by the smallest normal float
-        # (gradients pass through unchanged).
-        return out + (out.detach() == 0).to(out.dtype) * _TINY
+        # Per token, every position is a unit (the wrapper declares no mask), as in devinterp.
+        return out if per_token else out.mean(dim=1)
 
     return loss
 
@@ -379,7 +380,7 @@ def bif(
     device: str | None = None,
     save_metrics: bool = False,
     output_path: Any = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> Any:
     """devinterp 2.0.1's ``bif()``: sample with SGLD and return the BIF of the observables, via ``compute_bif``.
 
@@ -435,7 +436,61 @@ def bif(
         ImportError: xarray is not installed.
         bif_fast.BIFError: every chain diverged.
     """
-    # ---- validate everything before any work ---------------------------------------------------
+    _check_options(correlation_method=correlation_method, reduce_chain_dimension_method=reduce_chain_dimension_method,
+                   init_noise=init_noise, output_path=output_path, save_metrics=save_metrics, num_chains=num_chains,
+                   num_draws=num_draws, batch_size=batch_size, num_burnin_steps=num_burnin_steps,
+                   num_steps_bw_draws=num_steps_bw_draws, num_init_loss_batches=num_init_loss_batches,
+                   batches_per_draw=batches_per_draw, gradient_accumulation_steps=gradient_accumulation_steps,
+                   bif_batch_size=bif_batch_size, init_seed=init_seed, obs_seed=obs_seed, lr=lr, n_beta=n_beta,
+                   bounding_box_size=bounding_box_size)  # fmt: skip
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sgld_fields = _sampler_options(sampling_method, sampling_method_kwargs, rmsprop_eps, rmsprop_alpha)
+    sgld = SGLDConfig(lr=float(lr), nbeta=float(n_beta), localization=float(localization),
+                      weight_decay=float(llc_weight_decay), noise_level=float(noise_level),
+                      bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
+                      **sgld_fields)  # fmt: skip
+    config = BIFConfig(sgld=sgld, num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps + 1,
+                       num_steps_bw_draws=num_steps_bw_draws, batch_size=batch_size * gradient_accumulation_steps,
+                       eval_batch_size=batch_size, seed=init_seed, compute_stderr=False)  # fmt: skip
+    names = _sampled_params(model, param_masks)
+    if len(dataset) < batch_size:
+        raise ValueError(f"dataset has {len(dataset)} sequences, fewer than batch_size={batch_size} "
+                         "(devinterp drops the last partial batch, so it would have none)")  # fmt: skip
+    seq_len = _ids_of(dataset[0], "dataset").numel()
+    if seq_len < 2:
+        raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {seq_len})")
+    _, obs_ids = _observables(observables, batch_size, batches_per_draw, obs_seed)
+    if obs_ids.shape[1] != seq_len:
+        raise ValueError(f"observables have sequences of length {obs_ids.shape[1]}, the dataset {seq_len}")
+    try:
+        import xarray as xr
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("bif_fast.compat.devinterp returns an xarray.Dataset: install xarray") from e
+
+    per_token = correlation_method == "token"
+    target = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sgld_batches = _ReplayedEpochs(_InputIds(dataset), batch_size, gradient_accumulation_steps, shuffle=shuffle,
+                                   seed=init_seed, per_chain=not match_sampling_input_ids_across_chains)  # fmt: skip
+    obs_loader = DataLoader(obs_ids, batch_size=batch_size, shuffle=False)
+
+    fn = loss_fn if loss_fn is not None else _default_loss(model)
+    result = _run_in_training_mode(model, names, target, obs_loader, loss_fn=_wrap_loss(fn, per_token), config=config,
+                                   per_token=per_token, sgld_data=sgld_batches, backend=backend)  # fmt: skip
+    out = _as_dataset(xr, result, obs_ids, per_token, compute_covariance, average_tokenwise_bif)
+    diag = result.diagnostics
+    if any(diag["diverged"]):
+        warnings.warn(f"bif_fast: {sum(diag['diverged'])} of {num_chains} chains diverged and were left out",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+    out.attrs.update(engine="bif_fast", num_chains_used=diag["num_chains_used"], num_draws_used=diag["num_draws_used"])
+    return out
+
+
+def _check_options(*, correlation_method, reduce_chain_dimension_method, init_noise, output_path, save_metrics,
+                   num_chains, num_draws, batch_size, num_burnin_steps, num_steps_bw_draws, num_init_loss_batches,
+                   batches_per_draw, gradient_accumulation_steps, bif_batch_size, init_seed, obs_seed, lr, n_beta,
+                   bounding_box_size) -> None:  # fmt: skip
+    """Validate every devinterp option before any work (unsupported ones raise NotImplementedError)."""
     if correlation_method not in ("token", "sequence"):
         raise ValueError(f"Unknown correlation method: {correlation_method!r} (expected 'token' or 'sequence')")
     if reduce_chain_dimension_method == "mean":
@@ -466,56 +521,24 @@ def bif(
             raise ValueError(f"{name} must be a finite number > 0 for bif_fast, got {value!r}")
     if bounding_box_size is not None and not (isinstance(bounding_box_size, (int, float)) and bounding_box_size > 0):
         raise ValueError(f"bounding_box_size must be None or > 0 for bif_fast, got {bounding_box_size!r}")
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    sgld_fields = _sampler_options(sampling_method, sampling_method_kwargs, rmsprop_eps, rmsprop_alpha)
-    sgld = SGLDConfig(lr=float(lr), nbeta=float(n_beta), localization=float(localization),
-                      weight_decay=float(llc_weight_decay), noise_level=float(noise_level),
-                      bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
-                      **sgld_fields)  # fmt: skip
-    config = BIFConfig(sgld=sgld, num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps + 1,
-                       num_steps_bw_draws=num_steps_bw_draws, batch_size=batch_size * gradient_accumulation_steps,
-                       eval_batch_size=batch_size, seed=init_seed, compute_stderr=False)  # fmt: skip
-    names = _sampled_params(model, param_masks)
-    if len(dataset) < batch_size:
-        raise ValueError(f"dataset has {len(dataset)} sequences, fewer than batch_size={batch_size} "
-                         "(devinterp drops the last partial batch, so it would have none)")  # fmt: skip
-    seq_len = _ids_of(dataset[0], "dataset").numel()
-    if seq_len < 2:
-        raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {seq_len})")
-    _, obs_ids = _observables(observables, batch_size, batches_per_draw, obs_seed)
-    if obs_ids.shape[1] != seq_len:
-        raise ValueError(f"observables have sequences of length {obs_ids.shape[1]}, the dataset {seq_len}")
-    try:
-        import xarray as xr
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("bif_fast.compat.devinterp returns an xarray.Dataset: install xarray") from e
 
-    per_token = correlation_method == "token"
-    n_seq, n_tok = obs_ids.shape[0], seq_len - 1
-    target = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    sgld_loader = DataLoader(_InputIds(dataset), batch_sampler=_ReplayedEpochs(
-        len(dataset), batch_size, gradient_accumulation_steps, shuffle=shuffle, seed=init_seed,
-        per_chain=not match_sampling_input_ids_across_chains))  # fmt: skip
-    obs_loader = DataLoader(obs_ids, batch_size=batch_size, shuffle=False)
 
-    # ---- run compute_bif on the model, in training mode, with only the named parameters free -----
+def _run_in_training_mode(model: torch.nn.Module, names: list[str], target: torch.device, obs_loader: DataLoader,
+                          **kwargs: Any) -> Any:  # fmt: skip
+    """``compute_bif`` on the model moved to ``target``, in training mode, with only ``names`` sampled."""
     params = list(model.parameters())
     orig_device = params[0].device if params else target
     was_training = model.training
-    named = dict(model.named_parameters())
     keep = set(names)
-    frozen = [p for n, p in named.items() if n not in keep and p.requires_grad]
+    frozen = [p for n, p in model.named_parameters() if n not in keep and p.requires_grad]
     try:
         if any(p.device != target for p in params):
             _move(model, target)
         for p in frozen:
             p.requires_grad_(False)
         sampled = [p for n, p in model.named_parameters() if n in keep and p.requires_grad]
-        fn = loss_fn if loss_fn is not None else _default_loss(model)
         model.train()  # devinterp takes its SGLD steps in training mode
-        result = compute_bif(model, obs_loader, obs_loader, loss_fn=_wrap_loss(fn, per_token), config=config,
-                             per_token=per_token, sgld_data=sgld_loader, params=sampled, backend=backend)  # fmt: skip
+        return compute_bif(model, obs_loader, obs_loader, params=sampled, **kwargs)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -523,7 +546,11 @@ def bif(
             _move(model, orig_device)
         model.train(was_training)
 
-    # ---- devinterp's layout and sign ------------------------------------------------------------
+
+def _as_dataset(xr: Any, result: Any, obs_ids: torch.Tensor, per_token: bool, compute_covariance: bool,
+                average_tokenwise_bif: bool) -> Any:  # fmt: skip
+    """devinterp's layout and sign: ``influences`` (float32, +Corr / +Cov) and ``input_ids``."""
+    n_seq, n_tok = obs_ids.shape[0], obs_ids.shape[1] - 1
     n_units = n_seq * n_tok if per_token else n_seq
     if tuple(result.bif.shape) != (n_units, n_units):  # pragma: no cover - an internal invariant
         raise RuntimeError(f"compute_bif returned {tuple(result.bif.shape)}, expected {n_units} units")
@@ -545,11 +572,6 @@ def bif(
             coords["target_position_T"] = torch.arange(1, n_tok + 1).numpy()
     out = xr.DataArray(mat.cpu().contiguous().numpy(), name="influences", dims=dims, coords=coords).to_dataset()
     out["input_ids"] = xr.DataArray(obs_ids.numpy(), dims=("batch", "position"))
-    diag = result.diagnostics
-    if any(diag["diverged"]):
-        warnings.warn(f"bif_fast: {sum(diag['diverged'])} of {num_chains} chains diverged and were left out",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
-    out.attrs.update(engine="bif_fast", num_chains_used=diag["num_chains_used"], num_draws_used=diag["num_draws_used"])
     return out
 
 

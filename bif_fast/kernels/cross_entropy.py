@@ -3,18 +3,18 @@
 ``_per_token_ce_fwd_kernel`` tiles tokens × vocabulary, computes the lm_head product tile by tile
 (``tl.dot`` over chunks of H), keeps an online logsumexp per token and picks out the target logit;
 ``_ce_from_logits_fwd_kernel`` does the same streaming over rows of existing logits. Each writes one
-fp32 loss and one fp32 logsumexp per token (the backward recomputes logits from the logsumexp; see
-``bif_fast/reference/cross_entropy.py`` for the math). No atomics: every token is owned by one
-program, so results are deterministic.
+fp32 loss and one fp32 logsumexp per token, from which the backward (``bif_fast/ops/cross_entropy.py``)
+recomputes the logits; the math is in ``bif_fast/reference/cross_entropy.py``. No atomics: every token
+is owned by one program, so results are deterministic.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from bif_fast._backend import triton_interpret
 
 __all__ = ["per_token_cross_entropy_fwd_triton", "cross_entropy_from_logits_fwd_triton"]
 
@@ -116,10 +116,6 @@ def _ce_from_logits_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=rmask)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def per_token_cross_entropy_fwd_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -136,11 +132,11 @@ def per_token_cross_entropy_fwd_triton(
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return loss, lse
-    if _interpret():  # the interpreter pays per program and per loop trip: few, large tiles
+    if triton_interpret():  # the interpreter pays per program and per loop trip: few, large tiles
         block_n, block_v, block_h, warps = 64, 1024, min(128, max(16, triton.next_power_of_2(h))), 4
     else:
         block_n, block_v, block_h, warps = 64, 128, 64, 8
-    upcast = _interpret() or hidden.dtype == torch.float32
+    upcast = triton_interpret() or hidden.dtype == torch.float32
     _per_token_ce_fwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, weight, bias if bias is not None else weight, targets, loss, lse,
         n, v, h, hidden.stride(0), weight.stride(0), ignore_index,
@@ -159,7 +155,7 @@ def cross_entropy_from_logits_fwd_triton(
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss, lse
-    block_n, block_v = (16, 4096) if _interpret() else (4, 1024)
+    block_n, block_v = (16, 4096) if triton_interpret() else (4, 1024)
     _ce_from_logits_fwd_kernel[(triton.cdiv(n, block_n),)](
         logits, targets, loss, lse, n, v, logits.stride(0), ignore_index, BLOCK_N=block_n, BLOCK_V=block_v
     )

@@ -13,12 +13,9 @@ import triton.language as tl
 
 from bif_fast.config import SGLDConfig
 from bif_fast.reference.philox import INIT_VELOCITY_STEP
-from bif_fast.reference.sgld_update import step_coefficients
+from bif_fast.reference.sgld_update import sampler_code, step_coefficients
 
 __all__ = ["sgld_update_triton", "philox_normal_triton"]
-
-_SAMPLER_CODE = {("sgld", "none"): 0, ("sgld", "rmsprop"): 1, ("baoab", "none"): 2}
-_FLT_MAX = 3.4028234663852886e38
 
 
 @triton.jit
@@ -91,7 +88,7 @@ def _sgld_update_fwd_kernel(
     fric_c,
     fric_noise,
     bbox,
-    SAMPLER: tl.constexpr,  # 0 sgld, 1 rmsprop-sgld, 2 baoab
+    SAMPLER: tl.constexpr,  # 0 sgld, 1 rmsprop-sgld, 2 baoab (reference.sgld_update.SAMPLER_CODES)
     HAS_NOISE: tl.constexpr,
     HAS_OUT: tl.constexpr,
     HAS_BBOX: tl.constexpr,
@@ -169,7 +166,7 @@ def sgld_update_triton(
     if numel == 0:
         return
     k = step_coefficients(config, step)
-    code = _SAMPLER_CODE[(config.sampler, config.precondition)]
+    code = sampler_code(config)
     if diverged is None:
         diverged = torch.zeros(1, dtype=torch.int32, device=w.device)
     block_g = _block_g(w.device)

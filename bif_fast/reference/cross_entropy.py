@@ -1,4 +1,5 @@
-"""Pure-PyTorch per-token cross-entropy that never holds the ``[N, V]`` logits: the CPU fallback and oracle.
+"""Pure-PyTorch per-token cross-entropy forward that never holds the ``[N, V]`` logits: the CPU fallback
+and the oracle of the Triton forward kernels.
 
 For token n with hidden state ``h_n ∈ R^H``, the lm_head ``W ∈ R^{V×H}`` (and optional bias ``b``),
 logits ``z_n = W h_n + b`` and target ``t_n``::
@@ -14,7 +15,9 @@ set is one tile plus O(N) vectors, whatever V and N are.
 Backward (the SGLD gradient flows through the same loss): with ``p_nv = exp(z_nv - lse_n)`` and
 upstream gradient ``g_n`` (0 on ignored tokens), ``∂loss/∂z = g ⊙ (p - onehot(t))``, so chunk by
 chunk ``dh += (g ⊙ (p - 1_t))_c W_c``, ``dW_c = (g ⊙ (p - 1_t))_cᵀ h``, ``db_c = Σ_n (…)``: the logits
-of a chunk are recomputed from the saved ``lse`` instead of being stored.
+of a chunk are recomputed from the saved ``lse`` instead of being stored. That backward runs after
+every forward, Triton's included, so it lives with the ops in ``bif_fast/ops/cross_entropy.py`` (it
+reuses this module's blocking helpers); this module holds the forward twins only.
 
 All accumulation is fp32 (inputs may be bf16/fp16/fp32); results are fp32 losses, gradients in the
 inputs' dtypes.
@@ -26,10 +29,11 @@ import torch
 
 __all__ = [
     "per_token_cross_entropy_fwd",
-    "per_token_cross_entropy_bwd",
     "cross_entropy_from_logits_fwd",
-    "cross_entropy_from_logits_bwd",
+    "row_block",
+    "target_in_chunk",
     "DEFAULT_CHUNK",
+    "TILE_ELEMS",
 ]
 
 DEFAULT_CHUNK = 4096
@@ -43,13 +47,16 @@ def _merge_lse(m: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch
     return m_new, s
 
 
-def _target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def target_in_chunk(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which targets `[N]` fall in the vocabulary chunk ``[v0, v1)`` (bool `[N]`), and their column in it
+    (int64 `[N]`, clamped into the chunk where they do not, so it is always a valid gather index)."""
     hit = (targets >= v0) & (targets < v1)
     return hit, (targets - v0).clamp(0, v1 - v0 - 1)
 
 
-def _row_block(n: int, cols: int) -> int:
-    """Tokens per block, so that one block's logits tile `[rows, cols]` holds at most TILE_ELEMS values."""
+def row_block(n: int, cols: int) -> int:
+    """Tokens per block, so that one block's logits tile `[rows, cols]` holds at most ``TILE_ELEMS`` values
+    (read at call time; the forward here and the backward in ``bif_fast/ops/cross_entropy.py`` share it)."""
     return max(1, min(n, TILE_ELEMS // max(cols, 1)))
 
 
@@ -64,7 +71,7 @@ def per_token_cross_entropy_fwd(
     """Losses `[N]` fp32 and logsumexp `[N]` fp32 of ``hidden @ weight.T (+ bias)``: tokens in blocks and
     the vocabulary in chunks, so the working set is one `[rows, chunk]` tile whatever N and V are."""
     n, v = hidden.shape[0], weight.shape[0]
-    rb = _row_block(n, min(chunk, v))
+    rb = row_block(n, min(chunk, v))
     if rb >= n:
         return _fwd_rows(hidden, weight, targets, bias, ignore_index, chunk)
     loss = torch.empty(n, device=hidden.device)
@@ -86,60 +93,13 @@ def _fwd_rows(hidden, weight, targets, bias, ignore_index: int, chunk: int) -> t
         z = h @ weight[v0:v1].float().T  # [N, C]
         if bias is not None:
             z += bias[v0:v1].float()
-        hit, col = _target_in_chunk(targets, v0, v1)
+        hit, col = target_in_chunk(targets, v0, v1)
         target_logit += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
         m, s = _merge_lse(m, s, z)
     lse = m + torch.log(s)
     valid = targets != ignore_index
     loss = torch.where(valid, lse - target_logit, 0.0)
     return loss, lse
-
-
-def per_token_cross_entropy_bwd(
-    grad_loss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    lse: torch.Tensor,
-    ignore_index: int = -100,
-    chunk: int = DEFAULT_CHUNK,
-    need_weight_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (d hidden, d weight, d bias) in the inputs' dtypes, recomputing logits chunk by chunk."""
-    n, v = hidden.shape[0], weight.shape[0]
-    h = hidden.float()
-    g = torch.where(targets != ignore_index, grad_loss.float(), 0.0)  # [N]
-    dh = torch.zeros_like(h)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-    db = torch.zeros(v, dtype=torch.float32, device=weight.device) if bias is not None else None
-    # Backward tiles may be 4x larger: each extra token block re-reads and re-writes every dW chunk (measured
-    # ~15% slower at N = 4096, H = 2560 with the forward's tile), and SGLD minibatches rarely need blocks.
-    rb = _row_block(n, min(chunk, v) // 4 or 1)
-    for r0 in range(0, n, rb):
-        r1 = min(n, r0 + rb)
-        h_r, t_r = h[r0:r1], targets[r0:r1]
-        rows = torch.arange(r1 - r0, device=hidden.device)
-        for v0 in range(0, v, chunk):
-            v1 = min(v, v0 + chunk)
-            w_c = weight[v0:v1].float()
-            z = h_r @ w_c.T
-            if bias is not None:
-                z += bias[v0:v1].float()
-            p = z.sub_(lse[r0:r1, None]).exp_()  # softmax over the full vocabulary, this chunk's columns
-            hit, col = _target_in_chunk(t_r, v0, v1)
-            p[rows[hit], col[hit]] -= 1.0
-            p *= g[r0:r1, None]
-            dh[r0:r1].addmm_(p, w_c)
-            if dw is not None:
-                dw[v0:v1].addmm_(p.T, h_r)
-            if db is not None:
-                db[v0:v1] += p.sum(dim=0)
-    return (
-        dh.to(hidden.dtype),
-        dw.to(weight.dtype) if dw is not None else None,
-        db.to(bias.dtype) if db is not None else None,
-    )
 
 
 def cross_entropy_from_logits_fwd(
@@ -153,31 +113,9 @@ def cross_entropy_from_logits_fwd(
     for v0 in range(0, v, chunk):
         v1 = min(v, v0 + chunk)
         z = logits[:, v0:v1].to(torch.float32, copy=True)  # [N, C]; _merge_lse overwrites it
-        hit, col = _target_in_chunk(targets, v0, v1)
+        hit, col = target_in_chunk(targets, v0, v1)
         target_logit += torch.where(hit, z.gather(1, col[:, None]).squeeze(1), 0.0)
         m, s = _merge_lse(m, s, z)
     lse = m + torch.log(s)
     loss = torch.where(targets != ignore_index, lse - target_logit, 0.0)
     return loss, lse
-
-
-def cross_entropy_from_logits_bwd(
-    grad_loss: torch.Tensor,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int = -100,
-    chunk: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
-    """d logits `[N, V]` in the logits' dtype (the one ``[N, V]`` tensor a logits gradient must be)."""
-    n, v = logits.shape
-    g = torch.where(targets != ignore_index, grad_loss.float(), 0.0)
-    out = torch.empty_like(logits)
-    rows = torch.arange(n, device=logits.device)
-    for v0 in range(0, v, chunk):
-        v1 = min(v, v0 + chunk)
-        p = torch.exp(logits[:, v0:v1].float() - lse[:, None])
-        hit, col = _target_in_chunk(targets, v0, v1)
-        p[rows[hit], col[hit]] -= 1.0
-        out[:, v0:v1] = p * g[:, None]
-    return out

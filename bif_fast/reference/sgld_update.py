@@ -19,7 +19,8 @@ and the samplers are (devinterp's parametrisation; ``nbeta = beta * n`` in the p
 For BAOAB the closing B of one step and the opening B of the next use the same gradient, so one
 ``step`` applies them together as ``v <- v - kick * grad U(w)`` with ``kick = lr/2`` on step 0 and
 ``lr`` afterwards, then A O A; the velocity kept between steps therefore lacks its closing half-kick,
-which never affects the positions. v starts as N(0, I) drawn at the reserved step ``2^32 - 1``.
+which never affects the positions. v starts as N(0, I) drawn at the reserved step ``2^32 - 1``
+(``bif_fast.ops.init_sampler_state_`` sets it up; RMSprop's V starts at 0).
 
 Stationary laws (full-batch gradients, quadratic loss ``L(w) = ½ (w - m)ᵀ H (w - m)``, precision
 ``P = nbeta H + localization I = V diag(λ) Vᵀ``): plain SGLD's discretised chain is Gaussian with
@@ -46,11 +47,35 @@ import math
 import torch
 
 from bif_fast.config import SGLDConfig
-from bif_fast.reference.philox import INIT_VELOCITY_STEP, philox_normal
+from bif_fast.reference.philox import philox_normal
 
-__all__ = ["sgld_update_", "init_velocity_", "step_coefficients"]
+__all__ = ["SAMPLER_CODES", "sampler_code", "sgld_update_", "step_coefficients"]
 
 _FLT_MAX = torch.finfo(torch.float32).max
+
+# The integer each compiled step receives for (sampler, precondition): the Triton kernel's SAMPLER constexpr
+# and the ``sampler`` argument of ``bif_fast._C.sgld_update_cpu_`` (csrc/sgld_update_cpu.cpp, which branches
+# on 2 for BAOAB, 1 for RMSprop-SGLD and 0 otherwise, and rejects codes outside 0..2).
+SAMPLER_CODES: dict[tuple[str, str], int] = {("sgld", "none"): 0, ("sgld", "rmsprop"): 1, ("baoab", "none"): 2}
+
+
+def sampler_code(config: SGLDConfig) -> int:
+    """The compiled kernels' code of ``config``'s sampler: 0 plain SGLD, 1 RMSprop-SGLD, 2 BAOAB.
+
+    The same integers select the branch of the Triton kernel (``SAMPLER`` in
+    ``bif_fast/kernels/sgld_update.py``) and of the C++ loop (``csrc/sgld_update_cpu.cpp``).
+
+    Args:
+        config (SGLDConfig): the sampler's hyperparameters.
+
+    Returns:
+        int: the code, from ``SAMPLER_CODES``.
+
+    Examples:
+        >>> sampler_code(SGLDConfig(sampler="baoab"))
+        2
+    """
+    return SAMPLER_CODES[(config.sampler, config.precondition)]
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -137,8 +162,3 @@ def sgld_update_(
     if diverged is not None:
         bad = ~(w_new.abs() <= _FLT_MAX)  # NaN compares false
         diverged.copy_(torch.maximum(diverged, bad.any().to(diverged.dtype)))
-
-
-def init_velocity_(v: torch.Tensor, *, seed: int = 0, chain: int = 0, offset: int = 0) -> None:
-    """Fill a BAOAB velocity with N(0, I) from the reserved Philox step."""
-    v.copy_(philox_normal(v.numel(), seed=seed, chain=chain, step=INIT_VELOCITY_STEP, offset=offset))

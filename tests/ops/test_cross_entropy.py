@@ -4,6 +4,7 @@ F.cross_entropy in float64, gradients, low precision, memory, and bad input."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -11,12 +12,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bif_fast import cross_entropy_from_logits, per_token_cross_entropy
+from bif_fast.ops import cross_entropy as ops_ce
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = [
     "torch",
     pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
 ]
+# Forwards the gradient tests watch (the Triton module is importable only with triton installed).
+SPIED_BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
 SHAPES = [(1, 16, 1), (37, 64, 7), (130, 48, 1), (33, 96, 50_277), (70, 20, 300)]
 
 
@@ -50,13 +54,71 @@ def test_matches_float64_cross_entropy(backend, n, h, v, bias):
     assert (out[targets == -100] == 0).all()
 
 
+# The forward launcher of each backend, by op: (module, name) as ops/cross_entropy.py looks it up per call.
+_FORWARDS = {
+    "per_token": {
+        "torch": ("bif_fast.reference.cross_entropy", "per_token_cross_entropy_fwd"),
+        "triton": ("bif_fast.kernels.cross_entropy", "per_token_cross_entropy_fwd_triton"),
+    },
+    "from_logits": {
+        "torch": ("bif_fast.reference.cross_entropy", "cross_entropy_from_logits_fwd"),
+        "triton": ("bif_fast.kernels.cross_entropy", "cross_entropy_from_logits_fwd_triton"),
+    },
+}
+_BACKWARDS = {"per_token": "per_token_cross_entropy_bwd", "from_logits": "cross_entropy_from_logits_bwd"}
+
+
+def _spy_lse(monkeypatch, op: str, backends: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Record the logsumexp each backend's forward returns and the one the backward receives.
+
+    The backward is the same torch code after either forward; what a backend changes is the saved
+    logsumexp it is fed, so the gradient tests check that it is exactly the forward's (same storage).
+    """
+
+    def recording(fwd, log: list[torch.Tensor]):
+        def fwd_spy(*args, **kwargs):
+            loss, lse = fwd(*args, **kwargs)
+            log.append(lse)
+            return loss, lse
+
+        return fwd_spy
+
+    seen: dict[str, list[torch.Tensor]] = {"bwd": []}
+    for backend in backends:
+        module, name = _FORWARDS[op][backend]
+        mod = importlib.import_module(module)
+        seen[backend] = []
+        monkeypatch.setattr(mod, name, recording(getattr(mod, name), seen[backend]))
+    bwd = getattr(ops_ce, _BACKWARDS[op])
+
+    def bwd_spy(*args, **kwargs):
+        seen["bwd"].append(inspect.signature(bwd).bind(*args, **kwargs).arguments["lse"])
+        return bwd(*args, **kwargs)
+
+    monkeypatch.setattr(ops_ce, _BACKWARDS[op], bwd_spy)
+    return seen
+
+
+def _assert_backward_used_forward_lse(seen: dict[str, list[torch.Tensor]], backend: str) -> None:
+    others = [b for b in seen if b not in (backend, "bwd")]
+    assert len(seen[backend]) == 1, f"the {backend} forward ran {len(seen[backend])} times"
+    assert all(not seen[b] for b in others), f"another backend's forward ran: {others}"
+    assert len(seen["bwd"]) == 1
+    fwd_lse, bwd_lse = seen[backend][0], seen["bwd"][0]
+    assert bwd_lse.data_ptr() == fwd_lse.data_ptr() and torch.equal(bwd_lse, fwd_lse)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,h,v", [(37, 64, 7), (33, 96, 5003)])
-def test_gradients_match_float64_autograd(backend, n, h, v):
+def test_gradients_match_float64_autograd(monkeypatch, backend, n, h, v):
+    """Gradients through the backward fed this backend's saved logsumexp (for "triton": the Triton
+    forward's, under the interpreter on CPU) match float64 autograd."""
     hidden, weight, b, targets = _inputs(n, h, v, seed=3)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
     upstream = torch.randn(n)
+    seen = _spy_lse(monkeypatch, "per_token", SPIED_BACKENDS)
     per_token_cross_entropy(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend).backward(upstream)
+    _assert_backward_used_forward_lse(seen, backend)
     ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight, b)]
     _ref64(*ref_leaves, targets).backward(upstream.double())
     for name, ours, ref in zip(("d_hidden", "d_weight", "d_bias"), leaves, ref_leaves, strict=True):
@@ -84,18 +146,20 @@ def test_low_precision_within_torchs_own_error(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,v", [(1, 1), (37, 7), (9, 50_277), (70, 4097)])
-def test_from_logits_matches_float64(backend, n, v):
+def test_from_logits_matches_float64(monkeypatch, backend, n, v):
     g = torch.Generator().manual_seed(v)
     logits = 3 * torch.randn(n, v, generator=g)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[::4] = -100
     z = logits.clone().requires_grad_(True)
+    seen = _spy_lse(monkeypatch, "from_logits", SPIED_BACKENDS)
     out = cross_entropy_from_logits(z, targets, backend=backend)
     ref_z = logits.double().requires_grad_(True)
     ref = F.cross_entropy(ref_z, targets, reduction="none", ignore_index=-100)
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=2e-5)
     upstream = torch.randn(n)
     out.backward(upstream)
+    _assert_backward_used_forward_lse(seen, backend)
     ref.backward(upstream.double())
     torch.testing.assert_close(z.grad.double(), ref_z.grad, rtol=1e-5, atol=1e-6)
 
@@ -156,8 +220,10 @@ def test_fallback_blocks_tokens_to_a_bounded_tile(monkeypatch):
     """Many tokens: the fallback works through blocks of tokens, each tile at most TILE_ELEMS logits; the
     blocks (odd sizes, last one short) give the float64 losses and gradients, and the working set stops
     growing with N."""
+    from bif_fast.ops.cross_entropy import per_token_cross_entropy_bwd
     from bif_fast.reference import cross_entropy as ref
 
+    # The forward and the backward both block tokens with reference.cross_entropy.row_block.
     monkeypatch.setattr(ref, "TILE_ELEMS", 37 * 64)  # rows per block: 37 with chunk 64
     n, h, v = 301, 12, 150
     hidden, weight, b, targets = _inputs(n, h, v, seed=5)
@@ -168,8 +234,8 @@ def test_fallback_blocks_tokens_to_a_bounded_tile(monkeypatch):
     want = torch.nn.functional.cross_entropy(h64 @ w64.T + b64, targets, reduction="none", ignore_index=-100)
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
     g = torch.randn(n, dtype=torch.float64)
-    dh, dw, db = ref.per_token_cross_entropy_bwd(g.float(), hidden.detach(), weight.detach(), targets, b.detach(), lse,
-                                                 chunk=64)  # fmt: skip
+    dh, dw, db = per_token_cross_entropy_bwd(g.float(), hidden.detach(), weight.detach(), targets, b.detach(), lse,
+                                             chunk=64)  # fmt: skip
     want_grads = torch.autograd.grad((want * g).sum(), (h64, w64, b64))
     for got, ref_grad in zip((dh, dw, db), want_grads, strict=True):
         torch.testing.assert_close(got.double(), ref_grad, rtol=1e-4, atol=1e-5)

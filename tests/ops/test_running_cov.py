@@ -279,6 +279,82 @@ def test_merge_rejects_mismatch(cov_backend):
         a.merge("acc")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_finite_and_means_are_float64_reads(cov_backend, dtype):
+    x, y = _stream(40, 6, 4, loc=2.0, spread=1.0, seed=12)
+    acc = RunningCrossCovariance(6, 4, dtype=dtype, backend=cov_backend)
+    assert acc.finite()  # no draws: nothing non-finite was seen
+    _feed(acc, x, y, _blocks(40, 16))
+    assert acc.finite()
+    mean_x, mean_y = acc.means()
+    assert mean_x.dtype == mean_y.dtype == torch.float64 and mean_x.shape == (6,) and mean_y.shape == (4,)
+    np.testing.assert_allclose(mean_x.numpy(), x.mean(0).numpy(), rtol=1e-14)
+    np.testing.assert_allclose(mean_y.numpy(), y.mean(0).numpy(), rtol=1e-14)
+    mean_x.fill_(float("nan"))  # a copy: the accumulator is not touched
+    assert acc.finite() and torch.equal(acc.means()[1], mean_y)
+    for bad in (float("nan"), float("inf")):
+        poisoned = RunningCrossCovariance(6, 4, dtype=dtype, backend=cov_backend)
+        poisoned.update(x[:3], y[:3])
+        y_bad = y[3:9].clone()
+        y_bad[2, 1] = bad
+        poisoned.update(x[3:9], y_bad, check_finite=False)
+        poisoned.update(x[9:], y[9:])  # later finite draws do not wash it out
+        assert not poisoned.finite()
+
+
+def test_comoment_is_the_live_state(cov_backend):
+    x, y = _stream(30, 5, 3, loc=1.0, spread=1.0, seed=13)
+    acc = RunningCrossCovariance(5, 3, dtype=torch.float32, backend=cov_backend)
+    _feed(acc, x, y, [30])
+    comoment = acc.comoment
+    assert comoment is acc.state_dict()["comoment"] and comoment.dtype == torch.float32
+    torch.testing.assert_close(comoment / (acc.count - 1), acc.covariance(), rtol=1e-6, atol=0)
+    before = comoment.clone()
+    acc.update(x[:4], y[:4])
+    assert comoment.data_ptr() == acc.comoment.data_ptr() and not torch.equal(comoment, before)
+
+
+def test_take_comoment_hands_over_the_storage_until_reset(cov_backend):
+    x, y = _stream(60, 7, 4, loc=5.0, spread=0.5, seed=14)
+    acc = RunningCrossCovariance(7, 4, backend=cov_backend)
+    _feed(acc, x[:30], y[:30], _blocks(30, 8))
+    cov = acc.covariance()
+    ptr, count = acc.comoment.data_ptr(), acc.count
+    taken = acc.take_comoment()
+    assert taken.data_ptr() == ptr and acc.count == 0
+    torch.testing.assert_close(taken.div_(count - 1), cov, rtol=1e-14, atol=0)  # the covariance, in place
+    other = RunningCrossCovariance(7, 4, backend=cov_backend)
+    other.update(x[30:], y[30:])
+    refused = {
+        "update": lambda: acc.update(x[:2], y[:2]),
+        "merge into it": lambda: acc.merge(other),
+        "merge from it": lambda: other.merge(acc),
+        "covariance": acc.covariance,
+        "correlation": acc.correlation,
+        "state_dict": acc.state_dict,
+        "load_state_dict": lambda: acc.load_state_dict(other.state_dict()),
+        "take again": acc.take_comoment,
+        "comoment": lambda: acc.comoment,
+        "means": acc.means,
+        "finite": acc.finite,
+        "mean_x": lambda: acc.mean_x,
+        "var_y": lambda: acc.var_y,
+    }
+    snap_other = _snapshot(other)
+    for what, call in refused.items():
+        with pytest.raises(ValueError, match="take_comoment"):
+            call()
+            pytest.fail(f"{what} worked on an accumulator whose co-moment was taken")
+    _assert_same_state(other, snap_other)
+    torch.testing.assert_close(taken, cov, rtol=1e-14, atol=0)  # nothing wrote into the handed-out tensor
+    acc.reset()
+    assert acc.comoment.data_ptr() == ptr and (taken == 0).all()  # the same storage, zeroed
+    _feed(acc, x, y, _blocks(60, 16))
+    fresh = RunningCrossCovariance(7, 4, backend=cov_backend)
+    _feed(fresh, x, y, _blocks(60, 16))
+    assert acc.count == 60 and torch.equal(acc.covariance(), fresh.covariance())
+
+
 def test_extension_and_reference_agree():
     """Both backends compute the same formula; they agree to rounding on a long uneven stream."""
     require_ext()
@@ -300,7 +376,7 @@ def test_auto_backend_uses_the_extension_when_built():
 
 def test_direct_extension_call_checks_arguments():
     require_ext()
-    from bif_fast._ext import _C
+    from bif_fast._ext import C as _C
 
     state = [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(3)]
     state[1:] = [t.double() for t in state[1:]]

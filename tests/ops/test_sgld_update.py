@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from bif_fast import SGLDConfig, philox_normal_, sgld_update_
-from bif_fast.reference.philox import philox4x32, philox_normal
+from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
+from bif_fast.reference.philox import INIT_VELOCITY_STEP, philox4x32, philox_normal
+from bif_fast.reference.sgld_update import SAMPLER_CODES, sampler_code
 from tests.conftest import require_ext
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,12 +231,85 @@ def test_bad_arguments_raise(kwargs, match):
         sgld_update_(args["w"], args["grad"], args["anchor"], args["state"], backend="torch", **rest)
 
 
+ALL_BACKENDS = ["torch", *FAST]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("offset", [0, 5])
+def test_init_sampler_state_starts_each_sampler(backend, offset):
+    """BAOAB: v is the chain's Philox stream at the reserved step (the same words on every backend);
+    RMSprop: V = 0 whatever the buffer held; plain SGLD: no state at all."""
+    if backend == "ext":
+        require_ext()
+    n = 1003
+    v = torch.full((n,), float("nan"))
+    init_sampler_state_(v, CONFIGS["baoab"], seed=7, chain=3, offset=offset, backend=backend)
+    want = philox_normal(n, seed=7, chain=3, step=INIT_VELOCITY_STEP, offset=offset)
+    if backend == "ext":  # same Philox words, the C library's logf/sinf/cosf: a few ulp from numpy's
+        assert float((v - want).abs().max()) < 1e-6
+    else:
+        assert torch.equal(v, want)
+    other_chain = torch.empty(n)
+    init_sampler_state_(other_chain, CONFIGS["baoab"], seed=7, chain=4, offset=offset, backend=backend)
+    assert float((other_chain - v).abs().max()) > 1.0
+    rms = torch.full((n,), float("nan"))
+    init_sampler_state_(rms, CONFIGS["rmsprop"], seed=7, chain=3, offset=offset, backend=backend)
+    assert torch.equal(rms, torch.zeros(n))
+    init_sampler_state_(None, CONFIGS["sgld"], seed=7, chain=3, offset=offset, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "state,name,kwargs,match",
+    [
+        (None, "baoab", {}, "needs a state tensor"),
+        (None, "rmsprop", {}, "needs a state tensor"),
+        (torch.zeros(4), "sgld", {}, "keeps no state"),
+        (torch.zeros(4, dtype=torch.float64), "baoab", {}, "state must be torch.float32"),
+        (torch.zeros(2, 2), "rmsprop", {}, "1-D tensor"),
+        (torch.zeros(4), "baoab", {"backend": "auto"}, "resolved backend"),
+        (torch.zeros(4), "baoab", {"chain": -1}, "chain must be a non-negative int"),
+    ],
+)
+def test_init_sampler_state_rejects_bad_arguments(state, name, kwargs, match):
+    args = {"seed": 0, "chain": 0, "backend": "torch", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        init_sampler_state_(state, CONFIGS[name], **args)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resolved_step_is_the_checked_step(name):
+    """sgld_update_resolved_ (the optimizer's per-step path) is sgld_update_ minus the checks."""
+    cfg = CONFIGS[name]
+    w, grad, anchor, state, _ = _inputs(257, torch.float32, seed=4)
+    checked_w, checked_state, checked_flag = _run("torch", cfg, w, grad, anchor, state, step=3, offset=9)
+    w2, state2 = w.clone(), state.clone() if cfg.needs_state else None
+    flag = torch.zeros(1, dtype=torch.int32)
+    sgld_update_resolved_("torch", w2, grad, anchor, state2, config=cfg, seed=123, chain=2, step=3, offset=9,
+                          diverged=flag)  # fmt: skip
+    assert torch.equal(w2, checked_w) and torch.equal(flag, checked_flag)
+    if cfg.needs_state:
+        assert torch.equal(state2, checked_state)
+    with pytest.raises(ValueError, match="resolved backend"):
+        sgld_update_resolved_("auto", w2, grad, anchor, state2, config=cfg, seed=0, chain=0, step=0)
+
+
+def test_needs_state_and_sampler_codes():
+    """One table of sampler codes (the kernels' SAMPLER and the C++ loop's branch) and of who keeps state."""
+    assert {name: (cfg.needs_state, sampler_code(cfg)) for name, cfg in CONFIGS.items()} == {
+        "sgld": (False, 0),
+        "rmsprop": (True, 1),
+        "baoab": (True, 2),
+        "sgld-bbox": (False, 0),
+    }
+    assert sorted(SAMPLER_CODES.values()) == [0, 1, 2]
+
+
 @needs_triton
 @pytest.mark.triton
 def test_kernels_compile_for_sm90():
     """Compile-only: PTX/cubin for sm_90 without a GPU (catches codegen errors the interpreter cannot)."""
     out = subprocess.run(
-        [sys.executable, "-m", "bif_fast.kernels.compile_check"],
+        [sys.executable, "-m", "bif_fast.tools.compile_check"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,10 +1,11 @@
 """Several SGLD chains of one model at once: stacked weights, ``torch.func.functional_call`` + ``vmap``.
 
-``compute_bif`` runs a group of chains through ``ChainBatch`` when ``BIFConfig.chain_batch`` asks for
-it. Every chain is still the chain it is when run alone: chain c keeps its own Philox noise stream
-(``chain=c``), its own minibatch stream (seeded by (seed, c)), the same step counter and the same
-canonical flattening of the sampled parameters, so the results equal the sequential ones up to the
-rounding of the batched matrix products (bit-identical noise, same minibatches, same schedule).
+``compute_bif`` runs a group of chains through ``ChainBatch`` (behind ``engine.chains.BatchedChains``)
+when ``BIFConfig.chain_batch`` asks for it. Every chain is still the chain it is when run alone: chain c
+keeps its own Philox noise stream (``chain=c``), its own minibatch stream (the source's stream for c), the
+same step counter and the same canonical flattening of the sampled parameters, so the results equal the
+sequential ones up to the rounding of the batched matrix products (bit-identical noise, same minibatches,
+same schedule).
 
 The weights of chain i are row i of one ``[C, N]`` buffer; each sampled parameter is a ``[C, *shape]``
 view of it, passed to ``functional_call`` under ``vmap``. One vmapped forward (and backward, for an
@@ -19,53 +20,32 @@ and gradient against the plain model at w*) and the chains then run one by one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
-from bif_fast.ops import _sgld_update_resolved, philox_normal_
-from bif_fast.reference.philox import INIT_VELOCITY_STEP
+from bif_fast.engine.data import leading_dims
+from bif_fast.engine.units import loss_and_mask, minibatch_loss
+from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
-__all__ = ["ChainBatch", "stack_batches"]
+__all__ = ["ChainBatch"]
 
 
 class _LossModule(torch.nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters.
+    ``forward`` gives the losses; ``minibatch`` the SGLD loss of one chain's minibatch."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn):
+    def __init__(self, model: torch.nn.Module, loss_fn, per_token: bool):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.per_token = per_token
 
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def stack_batches(batches: list[Any]) -> Any:
-    """Stack the minibatches of C chains along a new leading dimension (tensors), keeping the structure."""
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(batches)
-    if isinstance(first, Mapping):
-        return {k: stack_batches([b[k] for b in batches]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(stack_batches([b[i] for b in batches]) for i in range(len(first)))
-    if all(b == first for b in batches[1:]):
-        return first
-    raise ValueError(f"cannot stack minibatch entries of type {type(first).__name__} that differ between chains")
-
-
-def _leading(batch: Any, fill: Any) -> Any:
-    """vmap ``in_dims`` for a stacked batch: 0 for every tensor, None for anything else."""
-    if isinstance(batch, torch.Tensor):
-        return fill
-    if isinstance(batch, Mapping):
-        return {k: _leading(v, fill) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_leading(v, fill) for v in batch)
-    return None
+    def forward(self, batch: Any, minibatch: bool = False) -> torch.Tensor:
+        out, mask = loss_and_mask(self.loss_fn, self.model, batch, self.per_token and minibatch)
+        return minibatch_loss(out, mask, self.per_token) if minibatch else out
 
 
 class ChainBatch:
@@ -79,13 +59,13 @@ class ChainBatch:
         seed (int): noise key.
         size (int): the largest number of chains run at once.
         backend (str): resolved sampler backend (``triton`` | ``ext`` | ``torch``).
-        per_token (bool): per-token losses (SGLD loss = mean over non-zero positions, per chain).
+        per_token (bool): per-token losses (SGLD loss = mean over the declared positions, per chain).
 
     Raises:
         ValueError: parameters of several dtypes, or a parameter that is not part of ``model``.
     """
 
-    def __init__(self, model, params, loss_fn, config: SGLDConfig, *, seed: int, size: int, backend: str,
+    def __init__(self, model, params, loss_fn, config: SGLDConfig, *, seed: int, size: int, backend: ResolvedBackend,
                  per_token: bool):  # fmt: skip
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
@@ -106,7 +86,7 @@ class ChainBatch:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.config, self.seed, self.size, self.backend, self.per_token = config, seed, size, backend, per_token
-        self.wrapper = _LossModule(model, loss_fn)
+        self.wrapper = _LossModule(model, loss_fn, per_token)
         self._eval_fn = torch.func.vmap(self._call, in_dims=(0, None))  # stacked weights, shared batch
         with torch.no_grad():
             self.anchor = torch.cat([p.detach().reshape(-1) for p in params])  # [N] w*, canonical order
@@ -114,8 +94,7 @@ class ChainBatch:
         self.param = self.anchor.expand(size, total).clone().requires_grad_(True)
         self.master = self.param if self.dtype == torch.float32 else self.param.detach().float()
         self.grad = torch.zeros(size, total, dtype=self.dtype, device=self.device)
-        needs_state = config.sampler == "baoab" or config.precondition == "rmsprop"
-        self.state = torch.zeros(size, total, device=self.device) if needs_state else None
+        self.state = torch.zeros(size, total, device=self.device) if config.needs_state else None
         self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
         self.chains: list[int] = []
         self.num_steps = 0
@@ -131,12 +110,9 @@ class ChainBatch:
             self.param.copy_(self.anchor)
             if self.master is not self.param:
                 self.master.copy_(self.anchor)
-            if self.config.sampler == "baoab":
-                for i, c in enumerate(self.chains):
-                    philox_normal_(self.state[i], seed=self.seed, chain=c, step=INIT_VELOCITY_STEP, offset=0,
-                                   backend=self.backend)  # fmt: skip
-            elif self.state is not None:
-                self.state.zero_()
+            for i, c in enumerate(self.chains):
+                init_sampler_state_(None if self.state is None else self.state[i], self.config, seed=self.seed,
+                                    chain=c, offset=0, backend=self.backend)  # fmt: skip
         self.diverged_flags.zero_()
         self.num_steps = 0
 
@@ -167,6 +143,9 @@ class ChainBatch:
     def _call(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return torch.func.functional_call(self.wrapper, params, (batch,))
 
+    def _minibatch(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return torch.func.functional_call(self.wrapper, params, (batch, True))
+
     def gradient(self, batch: Any) -> torch.Tensor:
         """Gradients of each chain's mean minibatch loss, ``[C, N]`` (``batch`` stacked, one per chain)."""
         c = self.c
@@ -174,14 +153,8 @@ class ChainBatch:
         self.param.grad = self.grad
         with torch.enable_grad():
             views = self._views(self.param[:c])
-            out = torch.func.vmap(self._call, in_dims=(0, _leading(batch, 0)))(views, batch)
-            flat = out.reshape(c, -1)
-            if self.per_token:
-                valid = (flat.detach() != 0).sum(1).clamp_min(1)
-                loss = (flat.sum(1) / valid).sum()
-            else:
-                loss = flat.mean(1).sum()  # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
-            loss.backward()
+            losses = torch.func.vmap(self._minibatch, in_dims=(0, leading_dims(batch)))(views, batch)  # [C]
+            losses.sum().backward()  # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
         if self.param.grad is not self.grad:  # autograd replaced it (e.g. a different layout): copy back
             self.grad.copy_(self.param.grad)
             self.param.grad = self.grad
@@ -192,7 +165,7 @@ class ChainBatch:
         self.gradient(batch)
         with torch.no_grad():
             for i, chain in enumerate(self.chains):
-                _sgld_update_resolved(
+                sgld_update_resolved_(
                     self.backend, self.master[i].detach(), self.grad[i], self.anchor,
                     None if self.state is None else self.state[i], config=self.config, seed=self.seed, chain=chain,
                     step=self.num_steps, offset=0, noise=None,

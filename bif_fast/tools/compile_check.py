@@ -1,9 +1,10 @@
 """Compile-only check of the Triton kernels for a GPU target, with no GPU present.
 
-    TRITON_INTERPRET=0 python -m bif_fast.kernels.compile_check [--arch 90]
+    TRITON_INTERPRET=0 python -m bif_fast.tools.compile_check [--arch 90]
 
-Lowers every kernel to PTX and cubin for the target (default sm_90, the H200), which catches codegen
-errors the CPU interpreter cannot see. Prints one line per kernel and exits non-zero on a failure.
+Lowers every kernel of ``bif_fast/kernels/`` to PTX and cubin for the target (default sm_90, the H200),
+which catches codegen errors the CPU interpreter cannot see. Prints one line per kernel and exits
+non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -11,22 +12,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any
+
+from bif_fast._backend import triton_interpret
+
+# (name, @triton.jit kernel, signature: argument -> Triton type, constexprs: name -> value, num_warps)
+Case = tuple[str, Any, dict[str, str], dict[str, Any], int]
 
 
-def _targets(arch: int):
+def _targets(arch: int) -> Any:
+    """The ``GPUTarget`` of an NVIDIA architecture such as 90 (sm_90), warp size 32."""
     from triton.backends.compiler import GPUTarget
 
     return GPUTarget("cuda", arch, 32)
 
 
-def _sgld_cases():
+def _sgld_cases() -> Iterator[Case]:
     from bif_fast.kernels import sgld_update as k
+    from bif_fast.reference.sgld_update import SAMPLER_CODES
 
     scalars = {n: "fp32" for n in (
         "half_lr", "lr", "nbeta", "localization", "weight_decay", "noise_level", "noise_scale", "alpha",
         "one_minus_alpha", "eps", "kick", "fric_c", "fric_noise", "bbox",
     )}  # fmt: skip
-    for sampler in (0, 1, 2):
+    for sampler in sorted(set(SAMPLER_CODES.values())):
         for out_dtype, g_dtype in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
             sig = {
                 "w_ptr": "*fp32", "g_ptr": f"*{g_dtype}", "a_ptr": f"*{out_dtype}", "s_ptr": "*fp32",
@@ -35,12 +45,12 @@ def _sgld_cases():
             }  # fmt: skip
             consts = {"SAMPLER": sampler, "HAS_NOISE": False, "HAS_OUT": out_dtype != "fp32", "HAS_BBOX": sampler == 0,
                       "BLOCK_G": 256}  # fmt: skip
-            yield f"sgld_update[sampler={sampler},{out_dtype}]", k._sgld_update_fwd_kernel, sig, consts
+            yield f"sgld_update[sampler={sampler},{out_dtype}]", k._sgld_update_fwd_kernel, sig, consts, 4
     sig = {"out_ptr": "*fp32", "numel": "i64", "offset": "i64", "seed": "i64", "chain": "i64", "step": "i64"}
-    yield "philox_normal", k._philox_normal_kernel, sig, {"BLOCK_G": 256}
+    yield "philox_normal", k._philox_normal_kernel, sig, {"BLOCK_G": 256}, 4
 
 
-def _ce_cases():
+def _ce_cases() -> Iterator[Case]:
     from bif_fast.kernels import cross_entropy as k
 
     for dtype in ("bf16", "fp16", "fp32"):
@@ -56,7 +66,7 @@ def _ce_cases():
         yield f"ce_from_logits[{dtype}]", k._ce_from_logits_fwd_kernel, sig, {"BLOCK_N": 4, "BLOCK_V": 1024}, 4
 
 
-def _compile(fn, signature, constexprs, target, num_warps: int = 4):
+def _compile(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], target: Any, num_warps: int = 4) -> Any:
     import triton
     from triton.compiler import ASTSource
 
@@ -71,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpret():
         print("TRITON_INTERPRET=1 is set: compile checks need the real compiler; unset it", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     target = _targets(args.arch)
     failures = 0
-    cases = [(*c, 4) for c in _sgld_cases()] + list(_ce_cases())
+    cases = [*_sgld_cases(), *_ce_cases()]
     for name, fn, sig, consts, warps in cases:
         try:
             kernel = _compile(fn, sig, consts, target, warps)

@@ -1,0 +1,214 @@
+"""Running chains: one protocol, a sequential and a batched implementation, and the choice between them.
+
+``Chains`` is what the draw loop (``engine.run``) needs of a group of chains: start them at w*, step
+them, evaluate the losses at their current weights, and report their distance from w* and whether they
+diverged. ``SequentialChains`` runs one chain at a time through the model and ``bif_fast.SGLD``;
+``BatchedChains`` runs several at once through ``ChainBatch`` (stacked weights under ``vmap``). Chain c
+is the same chain either way: its Philox noise stream is c, its minibatch stream is the source's stream
+for c, and its steps and canonical flattening are the same, so the two agree up to the rounding of the
+batched matrix products.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Protocol
+
+import torch
+
+from bif_fast._backend import ResolvedBackend
+from bif_fast.config import BIFConfig
+from bif_fast.engine.batched import ChainBatch
+from bif_fast.engine.data import sgld_batches, stack_batches
+from bif_fast.engine.model_state import ModelState
+from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask, minibatch_loss
+from bif_fast.sampler import SGLD
+
+__all__ = ["BatchedChains", "Chains", "SequentialChains", "chain_batch_size", "make_chains"]
+
+logger = logging.getLogger("bif_fast")
+
+
+class Chains(Protocol):
+    """A group of at most ``size`` chains, run together."""
+
+    size: int
+    numel: int
+    backend: ResolvedBackend
+
+    def reset(self, chains: list[int]) -> None:
+        """Start chains ``chains`` (global indices) at w* (the model's buffers as at entry), with fresh
+        sampler state and minibatch streams."""
+
+    def steps(self, count: int) -> None:
+        """``count`` sampler steps of every chain of the group."""
+
+    def evaluate(self, batches: list) -> list[torch.Tensor]:
+        """The losses of every evaluation batch at each chain's weights, ``[C, B(, T)]`` each."""
+
+    def distance(self) -> torch.Tensor:
+        """``[C]`` ``||w - w*||`` of each chain, without a host sync."""
+
+    def diverged(self) -> list[bool]:
+        """Which chains produced a NaN/Inf weight (one host read)."""
+
+
+class _Run:
+    """What both implementations share: the model's state, the loss, and the minibatch source."""
+
+    def __init__(self, model, state: ModelState, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
+                 device: torch.device, per_token: bool):  # fmt: skip
+        self.model, self.state, self.loss_fn, self.sgld_source = model, state, loss_fn, sgld_source
+        self.config, self.device, self.per_token = config, device, per_token
+
+    def minibatches(self, chain: int):
+        return sgld_batches(self.sgld_source, self.config.batch_size, self.config.seed, chain, self.device)
+
+
+class SequentialChains:
+    """One chain at a time: the model's own forward and backward, and ``SGLD.raw_step``."""
+
+    size = 1
+
+    def __init__(self, run: _Run, opt: SGLD):
+        self.run, self.opt = run, opt
+        self.numel, self.backend = opt.numel, opt.resolved_backend
+        self._batches: Any = None
+
+    def reset(self, chains: list[int]) -> None:
+        (c,) = chains
+        self.run.state.reset_buffers()
+        self.opt.reset(chain=c)
+        self._batches = self.run.minibatches(c)
+
+    def steps(self, count: int) -> None:
+        if count == 0:
+            return
+        run = self.run
+        run.state.own_mode()
+        for _ in range(count):
+            batch = next(self._batches)
+            self.opt.zero_grad()
+            minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
+            self.opt.raw_step()
+
+    def evaluate(self, batches: list) -> list[torch.Tensor]:
+        self.run.state.eval_mode()
+        outs, _ = evaluate(self.run.model, batches, self.run.loss_fn, self.run.per_token, "")
+        return [o.unsqueeze(0) for o in outs]
+
+    def distance(self) -> torch.Tensor:
+        return self.opt.distance().unsqueeze(0)
+
+    def diverged(self) -> list[bool]:
+        return [self.opt.diverged]
+
+
+class BatchedChains:
+    """Up to ``size`` chains at once through a ``ChainBatch``."""
+
+    def __init__(self, run: _Run, batch: ChainBatch):
+        self.run, self.batch = run, batch
+        self.size, self.numel, self.backend = batch.size, batch.numel, batch.backend
+        self._batches: list = []
+
+    def reset(self, chains: list[int]) -> None:
+        self.run.state.reset_buffers()
+        self.batch.reset(chains)
+        self._batches = [self.run.minibatches(c) for c in chains]
+
+    def steps(self, count: int) -> None:
+        if count == 0:
+            return
+        self.run.state.own_mode()
+        for _ in range(count):
+            self.batch.step(stack_batches([next(it) for it in self._batches]))
+
+    def evaluate(self, batches: list) -> list[torch.Tensor]:
+        self.run.state.eval_mode()
+        return self.batch.evaluate(batches)
+
+    def distance(self) -> torch.Tensor:
+        return self.batch.distance()
+
+    def diverged(self) -> list[bool]:
+        return self.batch.diverged()
+
+
+# Auto chain batching. On a GPU: models of at most _AUTO_BATCH_MAX_PARAMS sampled parameters, as many
+# chains as the per-chain accumulators allow within _AUTO_BATCH_ACC_BYTES. On a CPU, vmap pays only where
+# per-call dispatch dominates (benchmarks/results/chain_batch.csv: 1.2-1.5x for MLPs of 212 and 1,860
+# parameters, 0.6-0.9x at 3,716, where vmap's batched cross-entropy is slow), so a CPU run is batched when
+# parameters x evaluation rows <= _AUTO_BATCH_CPU_WORK. The rule is deterministic, so the same call always
+# takes the same path (the paths agree only up to rounding).
+_AUTO_BATCH_MAX_PARAMS = 1 << 22
+_AUTO_BATCH_ACC_BYTES = 2 << 30
+_AUTO_BATCH_CPU_WORK = 1 << 20
+
+
+def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int, p: int, dtype: torch.dtype,
+                     eval_rows: int) -> int:  # fmt: skip
+    """How many chains run at once: ``config.chain_batch``, or the 'auto' policy above."""
+    if config.num_chains == 1:
+        return 1
+    if config.chain_batch != "auto":
+        return min(config.chain_batch, config.num_chains)
+    if device.type not in ("cpu", "cuda") or numel > _AUTO_BATCH_MAX_PARAMS:
+        return 1
+    if device.type == "cpu" and numel * eval_rows > _AUTO_BATCH_CPU_WORK:
+        return 1
+    per_chain = n * p * torch.empty(0, dtype=dtype).element_size()
+    return max(1, min(config.num_chains, _AUTO_BATCH_ACC_BYTES // max(per_chain, 1)))
+
+
+def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
+                per_token: bool, size: int, checks: list[tuple[list, Units, torch.Tensor]]) -> Chains:  # fmt: skip
+    """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
+    (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``."""
+    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token)
+    if size > 1:
+        batch, why_not = _try_chain_batch(run, opt, size, checks)
+        if batch is not None:
+            return BatchedChains(run, batch)
+        log = logger.warning if config.chain_batch != "auto" else logger.info
+        log("bif_fast: running the chains one by one (batched chains unavailable: %s)", why_not)
+    return SequentialChains(run, opt)
+
+
+def _try_chain_batch(run: _Run, opt: SGLD, size: int, checks) -> tuple[ChainBatch | None, str | None]:
+    """Build a ``ChainBatch`` and check it against the plain model at w*: every chain's losses on all
+    evaluation batches, and its gradient on chain 0's first SGLD minibatch. Returns (batch, None) or
+    (None, reason). Warnings raised by the trial itself (e.g. torch's "no batching rule, falling back" for
+    an op vmap runs slowly) are held back: the outcome is logged instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            batch = ChainBatch(run.model, opt.params, run.loss_fn, run.config.sgld, seed=run.config.seed, size=size,
+                               backend=opt.resolved_backend, per_token=run.per_token)  # fmt: skip
+            batch.reset(list(range(size)))
+            run.state.eval_mode()
+            for batches, units, ref in checks:
+                got = units.gather_rows(batch.evaluate(batches), None)
+                err = float((got - ref).abs().max())
+                if not err <= 1e-4 * (1.0 + float(ref.abs().max())):
+                    return None, f"vmapped losses differ from the model's at w* (max abs {err:.3g})"
+            run.state.own_mode()
+            why_not = _check_gradient(run, opt, batch, size)
+            return (None, why_not) if why_not else (batch, None)
+        except Exception as exc:  # vmap cannot run this model or loss_fn unchanged
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _check_gradient(run: _Run, opt: SGLD, batch: ChainBatch, size: int) -> str | None:
+    trial = next(run.minibatches(0))
+    got = batch.gradient(stack_batches([trial] * size)).clone()
+    loss = minibatch_loss(*loss_and_mask(run.loss_fn, run.model, trial, run.per_token), run.per_token)
+    grads = torch.autograd.grad(loss, opt.params, allow_unused=True)
+    want = torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(opt.params, grads,
+                                                                                           strict=True)])  # fmt: skip
+    scale = float(want.abs().max())
+    err = float((got.float() - want.float()).abs().max())
+    if not err <= 1e-3 * scale + 1e-6:
+        return f"vmapped gradients differ from the model's at w* (max abs {err:.3g}, scale {scale:.3g})"
+    return None

@@ -1,0 +1,118 @@
+"""Pooling of the per-chain accumulators into the BIF, and its batch-means standard error.
+
+Each chain accumulates into its own ``RunningCrossCovariance``, checked once when the chain ends (one
+host read) and merged into the pool only if it stayed finite: a diverged chain is reported and left out,
+never mixed in as NaN.
+
+Standard error without a matrix for the mean of the per-chain covariances: with every chain holding the
+same k draws, the pooled co-moment is the sum of the chains' co-moments plus the between-chain scatter
+``k * sum_c (mu_c - mu)(mu_c - mu)^T`` (rank < chains, from the stored per-chain mean vectors), so that
+mean is read off the pool. Each chain's deviation from it goes into ``m2`` by Welford's update over
+chains (no ``E[c^2] - E[c]^2`` cancellation in float32). The n x p state is then the pool, the chain's own
+accumulator and ``m2``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bif_fast.config import BIFConfig
+from bif_fast.ops import RunningCrossCovariance
+
+__all__ = ["Pool"]
+
+logger = logging.getLogger("bif_fast")
+
+
+class Pool:
+    """The pooled accumulator, the per-chain accumulators it hands out, the standard error, and which chains
+    diverged.
+
+    Args:
+        n, p (int): units of the training and query sides.
+        device, dtype: where and in which dtype the n x p state lives.
+        config (BIFConfig): ``num_chains`` and ``compute_stderr``.
+    """
+
+    def __init__(self, n: int, p: int, device: torch.device, dtype: torch.dtype, config: BIFConfig):
+        self.n, self.p, self.device, self.dtype = n, p, device, dtype
+        self.num_chains = config.num_chains
+        self.pooled = RunningCrossCovariance(n, p, device=device, dtype=dtype)
+        self.stderr_on = config.compute_stderr and config.num_chains > 1
+        self.m2 = torch.zeros(n, p, device=device, dtype=dtype) if self.stderr_on else None
+        self.means: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chain in the stderr: (mean_x, mean_y)
+        self.k: int | None = None
+        self.diverged = [False] * config.num_chains
+        self.survivors = 0
+        self._chain_accs: list[RunningCrossCovariance] = []
+
+    def chain_accumulators(self, count: int) -> list[RunningCrossCovariance]:
+        """``count`` empty accumulators for the chains about to run (the pool itself for a single chain, which
+        saves one n x p matrix)."""
+        if self.num_chains == 1:
+            return [self.pooled]
+        while len(self._chain_accs) < count:
+            self._chain_accs.append(RunningCrossCovariance(self.n, self.p, device=self.device, dtype=self.dtype))
+        for acc in self._chain_accs[:count]:
+            acc.reset()
+        return self._chain_accs[:count]
+
+    def add(self, c: int, acc: RunningCrossCovariance, sampler_diverged: bool, seconds: float) -> None:
+        """Fold chain ``c`` in. ``acc`` (if not the pool itself) is consumed: it must be reset before reuse."""
+        if sampler_diverged or not acc.finite():
+            self.diverged[c] = True
+            logger.warning("bif_fast: chain %d diverged (NaN/Inf); it is left out of the BIF", c)
+            if acc is self.pooled:
+                self.pooled.reset()
+            return
+        self.survivors += 1
+        logger.info("bif_fast: chain %d done in %.2f s", c, seconds)
+        if acc is self.pooled:
+            return
+        if self.stderr_on and (acc.count < 2 or self.k not in (None, acc.count)):
+            self._drop_stderr(f"chain {c} has {acc.count} draws")
+        if self.stderr_on:
+            self.means.append(acc.means())
+            self.k = acc.count
+        self.pooled.merge(acc)
+        if self.stderr_on and len(self.means) >= 2:
+            self._welford(acc)
+
+    def _welford(self, acc: RunningCrossCovariance) -> None:
+        k, m = self.k, len(self.means)
+        mx = torch.stack([x for x, _ in self.means])  # [m, n] float64
+        my = torch.stack([y for _, y in self.means])  # [m, p]
+        dx, dy = mx - mx.mean(0), my - my.mean(0)
+        # e = cov_c - mean of the m chain covariances, built in the chain's co-moment (merged above):
+        # mean = (pooled - k dx^T dy) / ((k - 1) m).
+        e = acc.take_comoment().mul_(1.0 / (k - 1)).sub_(self.pooled.comoment, alpha=1.0 / ((k - 1) * m))
+        e.addmm_(dx.T.to(e.dtype), dy.to(e.dtype), alpha=k / ((k - 1) * m))
+        self.m2.addcmul_(e, e, value=m / (m - 1))  # Welford: (c - mean_old)(c - mean_new)
+
+    def _drop_stderr(self, why: str) -> None:
+        logger.warning("bif_fast: no standard error (%s; batch means need >= 2 draws, the same in every chain)", why)
+        self.stderr_on, self.m2, self.means = False, None, []
+
+    def release_chain_accumulators(self) -> None:
+        """Free the per-chain accumulators (the outputs are built with only the pool alive)."""
+        self._chain_accs = []
+
+    def stderr(self) -> torch.Tensor | None:
+        """Batch-means standard error of the BIF over the surviving chains, built in place (frees ``m2``)."""
+        m2, m = self.m2, len(self.means)
+        self.m2 = None
+        if not self.stderr_on or m < 2:
+            return None
+        return m2.div_(m * (m - 1)).sqrt_()
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(bif, bif_normalized, stderr)``, built in place so the peak stays at the pool's n x p matrices;
+        the pool is spent afterwards."""
+        self.release_chain_accumulators()
+        stderr = self.stderr()
+        bif_normalized = self.pooled.correlation().neg_()
+        count = self.pooled.count
+        bif = self.pooled.take_comoment().div_(count - 1).neg_()
+        return bif, bif_normalized, stderr

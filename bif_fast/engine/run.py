@@ -1,0 +1,194 @@
+"""One BIF run (the paper's Algorithm 1): evaluation sets at w*, chains, the draw loop, the pooled result.
+
+SGLD chains start at w*; at every draw the losses of all training units and all query units are
+evaluated and go straight into device-resident ``RunningCrossCovariance`` accumulators (k draws per
+rank-k update, no stored traces, no host synchronisation inside a chain); ``BIF = -Cov`` pooled over
+all draws of all chains around the grand mean (ddof = 1), and ``bif_normalized = -Corr``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from bif_fast._backend import Backend
+from bif_fast.config import BIFConfig
+from bif_fast.engine.chains import Chains, chain_batch_size, make_chains
+from bif_fast.engine.data import eval_batches, first_item, token_capped_batch_size
+from bif_fast.engine.model_state import ModelState
+from bif_fast.engine.pool import Pool
+from bif_fast.engine.units import LossFn, Units, check_loss, evaluate, loss_and_mask
+from bif_fast.result import BIFError
+from bif_fast.sampler import SGLD
+
+__all__ = ["EvalSet", "RunOutput", "run_bif"]
+
+#: ``eval_max_tokens="auto"``: loss positions per evaluation batch, by device type (the CPU figure is the
+#: fastest measured, benchmarks/results/end_to_end.csv; on a GPU larger batches keep the device busy).
+AUTO_EVAL_TOKENS = {"cpu": 2048}
+AUTO_EVAL_TOKENS_DEFAULT = 16384
+
+
+@dataclass
+class EvalSet:
+    """One side of the BIF (train or query): its evaluation batches, its units and its losses at w*."""
+
+    name: str
+    batches: list
+    units: Units
+    at_w_star: torch.Tensor  # [n] losses of the units at w*
+    batch_size: int | None  # sequences per evaluation batch (None: a DataLoader's batch_sampler)
+
+
+@dataclass
+class RunOutput:
+    bif: torch.Tensor
+    bif_normalized: torch.Tensor
+    stderr: torch.Tensor | None
+    diagnostics: dict[str, Any]
+    train_index: torch.Tensor | None
+    query_index: torch.Tensor | None
+
+
+def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any, query: Any, *, loss_fn: LossFn,
+            config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend) -> RunOutput:  # fmt: skip
+    """Sample the chains and pool their draws; the model is left exactly as it was."""
+    t_start = time.perf_counter()
+    device = sampled[0].device
+    with ModelState(model, sampled) as state:
+        state.eval_mode()
+        sides = [_eval_set(model, data, loss_fn, config, per_token, device, name)
+                 for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
+        # Losses are kept in float64 when loss_fn gives float64, else float32.
+        loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
+        cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
+        n, p = sides[0].units.n, sides[1].units.n
+        opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend)
+        rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
+        size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
+        checks = [(s.batches, s.units, s.at_w_star) for s in sides]
+        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks)
+        pool = Pool(n, p, device, cov_dtype, config)
+        traces = _draw_loop(chains, pool, sides, config, loss_dtype, device)
+        diagnostics = _diagnostics(sides, pool, traces, config, opt, chains, cov_dtype, t_start)
+        if pool.pooled.count < 2:
+            raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)
+        bif, bif_normalized, stderr = pool.outputs()
+    return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
+
+
+def _eval_set(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,
+              name: str) -> EvalSet:  # fmt: skip
+    """Collate the evaluation batches once, on the model's device, and find the units from the losses at w*."""
+    size = _eval_batch_size(model, data, loss_fn, config, per_token, device, name)
+    batches = eval_batches(data, size, device)
+    outs, masks = evaluate(model, batches, loss_fn, per_token, name, check=True)
+    units = Units(per_token)
+    units.discover(outs, masks, name)
+    at_w_star = units.gather(outs)
+    if not bool(torch.isfinite(at_w_star).all()):
+        raise ValueError(f"loss_fn gives non-finite losses at w* for {name} (before any sampling)")
+    reported = data.batch_size if isinstance(data, DataLoader) else size
+    return EvalSet(name, batches, units, at_w_star, reported)
+
+
+def _eval_batch_size(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,
+                     name: str) -> int:  # fmt: skip
+    """Units per evaluation batch: ``eval_batch_size``, or per token fewer sequences, so that a batch holds
+    at most ``eval_max_tokens`` loss positions (counted on ``loss_fn``'s output for the first item)."""
+    cap = config.eval_max_tokens
+    if not per_token or cap is None or isinstance(data, DataLoader):
+        return config.eval_batch_size
+    if cap == "auto":
+        cap = AUTO_EVAL_TOKENS.get(device.type, AUTO_EVAL_TOKENS_DEFAULT)
+    first = first_item(data, device)
+    with torch.no_grad():
+        out, mask = loss_and_mask(loss_fn, model, first, per_token)
+        positions = check_loss(out, mask, 1, per_token, name).shape[1]
+    return token_capped_batch_size(config.eval_batch_size, cap, positions)
+
+
+@dataclass
+class _Traces:
+    mean_train_loss: torch.Tensor  # [chains, draws]
+    distance: torch.Tensor  # [chains, draws] rms distance from w*
+    seconds: list[float]
+
+
+def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
+               device: torch.device) -> _Traces:  # fmt: skip
+    """Every chain's draws into its accumulator, k at a time; each chain is folded into the pool at its end."""
+    num_chains, num_draws = config.num_chains, config.num_draws
+    traces = _Traces(torch.full((num_chains, num_draws), float("nan"), device=device),
+                     torch.full((num_chains, num_draws), float("nan"), device=device), [0.0] * num_chains)  # fmt: skip
+    k = min(config.draws_per_update, num_draws)
+    bufs = [torch.empty(k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
+    bar = _progress(config)
+    for first in range(0, num_chains, chains.size):
+        ids = list(range(first, min(num_chains, first + chains.size)))
+        c, rows, t_group = len(ids), slice(ids[0], ids[-1] + 1), time.perf_counter()
+        accs = pool.chain_accumulators(c)
+        chains.reset(ids)
+        chains.steps(config.num_burnin_steps)
+        filled, dists = 0, []
+        for d in range(num_draws):
+            for s, buf in zip(sides, bufs, strict=True):
+                s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
+            dists.append(chains.distance())
+            filled += 1
+            if filled == k or d == num_draws - 1:
+                for i in range(c):
+                    accs[i].update(bufs[0][:filled, i], bufs[1][:filled, i], check_finite=False)
+                traces.mean_train_loss[rows, d + 1 - filled : d + 1] = bufs[0][:filled, :c].mean(2).T
+                filled = 0
+            if d < num_draws - 1:
+                chains.steps(config.num_steps_bw_draws)
+            if bar is not None:
+                bar.update(c)
+        traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5)
+        for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):
+            traces.seconds[chain] = time.perf_counter() - t_group
+            pool.add(chain, accs[i], flag, traces.seconds[chain])
+    if bar is not None:
+        bar.close()
+    return traces
+
+
+def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFConfig, opt: SGLD, chains: Chains,
+                 cov_dtype: torch.dtype, t_start: float) -> dict[str, Any]:  # fmt: skip
+    train, query = sides
+    return {
+        "chain_mean_train_loss": traces.mean_train_loss.cpu().tolist(),
+        "rms_distance_from_w_star": traces.distance.cpu().tolist(),
+        "diverged": pool.diverged,
+        "num_chains_used": pool.survivors,
+        "num_draws_used": pool.pooled.count,
+        "w_star_mean_train_loss": float(train.at_w_star.mean()),
+        "w_star_mean_query_loss": float(query.at_w_star.mean()),
+        "n_train_units": train.units.n,
+        "n_query_units": query.units.n,
+        "n_train_sequences": train.units.num_sequences,
+        "n_query_sequences": query.units.num_sequences,
+        "chain_seconds": traces.seconds,
+        "seconds": time.perf_counter() - t_start,
+        "sampler_backend": opt.resolved_backend,
+        "chain_batch": chains.size,
+        "cov_dtype": str(cov_dtype).removeprefix("torch."),
+        # A DataLoader's own batch size (None: batches from its batch_sampler).
+        "eval_batch_size": {s.name: s.batch_size for s in sides},
+    }
+
+
+def _progress(config: BIFConfig):
+    if not config.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=config.total_draws, desc="bif_fast draws", unit="draw")

@@ -1,0 +1,1 @@
+"""Developer tools run as modules (``python -m bif_fast.tools.<name>``); not imported by ``import bif_fast``."""
