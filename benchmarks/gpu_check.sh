@@ -16,8 +16,8 @@ step build 300 pip install -e . --no-build-isolation -v
 step info 60 python -m bif_fast info
 # CUDA tests (real kernels on the GPU) plus the CPU suite with the extension required.
 BIF_FAST_REQUIRE_EXT=1 step tests_cuda 300 python -m pytest -q -x -m cuda tests
-step compile_check 120 python -m bif_fast.kernels.compile_check --arch 90
-step bench_sgld 300 python benchmarks/bench_sgld.py --device cuda --steps 20 --repeats 3
+step compile_check 120 python -m bif_fast.tools.compile_check --arch 90
+step bench_sgld_update 300 python benchmarks/bench_sgld_update.py --device cuda --steps 20 --repeats 3
 step bench_cross_entropy 300 python benchmarks/bench_cross_entropy.py --device cuda --repeats 3 --inner 5
 step bench_running_cov 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3
 step bench_chain_batch 120 python benchmarks/bench_chain_batch.py --device cuda --repeats 3 --draws 50

@@ -14,8 +14,8 @@ On CUDA it also reports the bandwidth the fused step achieves, counting the byte
 against a device-to-device copy measured in the same run. devinterp is optional: without it those
 rows are skipped with a message.
 
-    python benchmarks/bench_sgld.py                       # both sizes, all rules, CPU or GPU
-    python benchmarks/bench_sgld.py --sizes 1m --steps 5  # quick look
+    python benchmarks/bench_sgld_update.py                       # both sizes, all rules, CPU or GPU
+    python benchmarks/bench_sgld_update.py --sizes 1m --steps 5  # quick look
 """
 
 from __future__ import annotations
