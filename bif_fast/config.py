@@ -142,6 +142,15 @@ class BIFConfig:
             "small models on a GPU. Results equal the sequential ones up to rounding"
         ),
     )
+    estimator: Literal["plain", "lag1"] = field(
+        default="plain",
+        metadata=_help(
+            "'plain': the covariance of the draws; 'lag1': the lag-1 symmetrised covariance "
+            "1/2 [C(0) + 1/2 (C(+1) + C(-1))], which removes the step-size bias of SGLD for observables linear in "
+            "the weights of a Gaussian target (computed as 1/4 the covariance of sums of consecutive draws; needs "
+            "num_steps_bw_draws=1; for plain SGLD: BAOAB's position marginal has no such bias)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.sgld, SGLDConfig):
@@ -158,6 +167,13 @@ class BIFConfig:
             isinstance(self.chain_batch, bool) or not isinstance(self.chain_batch, int) or self.chain_batch < 1
         ):
             raise ValueError(f"BIFConfig.chain_batch must be 'auto' or an int >= 1, got {self.chain_batch!r}")
+        if self.estimator not in ("plain", "lag1"):
+            raise ValueError(f"BIFConfig.estimator must be 'plain' or 'lag1', got {self.estimator!r}")
+        if self.estimator == "lag1" and self.num_draws < 3:
+            raise ValueError(f"BIFConfig.estimator='lag1' needs num_draws >= 3, got {self.num_draws}")
+        if self.estimator == "lag1" and self.num_steps_bw_draws != 1:
+            raise ValueError("BIFConfig.estimator='lag1' corrects the covariance of consecutive SGLD steps: it needs "
+                             f"num_steps_bw_draws=1, got {self.num_steps_bw_draws}")  # fmt: skip
         if self.cov_dtype not in ("auto", "float64", "float32"):
             raise ValueError(f"BIFConfig.cov_dtype must be 'auto', 'float64' or 'float32', got {self.cov_dtype!r}")
         cap = self.eval_max_tokens

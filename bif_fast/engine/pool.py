@@ -107,12 +107,15 @@ class Pool:
             return None
         return m2.div_(m * (m - 1)).sqrt_()
 
-    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def outputs(self, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(bif, bif_normalized, stderr)``, built in place so the peak stays at the pool's n x p matrices;
-        the pool is spent afterwards."""
+        the pool is spent afterwards. ``scale`` multiplies the covariance and its standard error (the lag-1
+        estimator's 1/4; the correlation does not change)."""
         self.release_chain_accumulators()
         stderr = self.stderr()
+        if stderr is not None and scale != 1.0:
+            stderr.mul_(scale)
         bif_normalized = self.pooled.correlation().neg_()
         count = self.pooled.count
-        bif = self.pooled.take_comoment().div_(count - 1).neg_()
+        bif = self.pooled.take_comoment().div_(count - 1).mul_(-scale)
         return bif, bif_normalized, stderr

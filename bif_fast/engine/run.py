@@ -78,7 +78,7 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         diagnostics = _diagnostics(sides, pool, traces, config, opt, chains, cov_dtype, t_start)
         if pool.pooled.count < 2:
             raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)
-        bif, bif_normalized, stderr = pool.outputs()
+        bif, bif_normalized, stderr = pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
     return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
 
 
@@ -122,12 +122,16 @@ class _Traces:
 
 def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
                device: torch.device) -> _Traces:  # fmt: skip
-    """Every chain's draws into its accumulator, k at a time; each chain is folded into the pool at its end."""
+    """Every chain's draws into its accumulator, k at a time; each chain is folded into the pool at its end.
+
+    With ``estimator="lag1"`` the accumulator gets the sums of consecutive draws (one fewer per chain): a
+    quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
     num_chains, num_draws = config.num_chains, config.num_draws
     traces = _Traces(torch.full((num_chains, num_draws), float("nan"), device=device),
                      torch.full((num_chains, num_draws), float("nan"), device=device), [0.0] * num_chains)  # fmt: skip
     k = min(config.draws_per_update, num_draws)
     bufs = [torch.empty(k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
+    pairs = _Pairs(bufs) if config.estimator == "lag1" else None
     bar = _progress(config)
     for first in range(0, num_chains, chains.size):
         ids = list(range(first, min(num_chains, first + chains.size)))
@@ -135,21 +139,22 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
         accs = pool.chain_accumulators(c)
         chains.reset(ids)
         chains.steps(config.num_burnin_steps)
-        filled, dists = 0, []
+        filled, dists, means = 0, [], []
         for d in range(num_draws):
             for s, buf in zip(sides, bufs, strict=True):
                 s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
             dists.append(chains.distance())
-            filled += 1
-            if filled == k or d == num_draws - 1:
+            means.append(bufs[0][filled, :c].mean(1))
+            filled += 1 if pairs is None else pairs.pair(filled, c, first_draw=d == 0)
+            if filled == k or (d == num_draws - 1 and filled > 0):
                 for i in range(c):
                     accs[i].update(bufs[0][:filled, i], bufs[1][:filled, i], check_finite=False)
-                traces.mean_train_loss[rows, d + 1 - filled : d + 1] = bufs[0][:filled, :c].mean(2).T
                 filled = 0
             if d < num_draws - 1:
                 chains.steps(config.num_steps_bw_draws)
             if bar is not None:
                 bar.update(c)
+        traces.mean_train_loss[rows] = torch.stack(means, 1)
         traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5)
         for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
@@ -157,6 +162,26 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
     if bar is not None:
         bar.close()
     return traces
+
+
+class _Pairs:
+    """Turns row ``filled`` of the draw buffers into the sum of this draw and the chain's previous one."""
+
+    def __init__(self, bufs: list[torch.Tensor]):
+        self.bufs = bufs
+        self.prev = [torch.empty_like(b[0]) for b in bufs]  # [size, n] the previous draw of each chain
+
+    def pair(self, filled: int, c: int, *, first_draw: bool) -> int:
+        """Returns how many rows became ready (0 for a chain's first draw, which is only remembered)."""
+        for buf, prev in zip(self.bufs, self.prev, strict=True):
+            cur = buf[filled, :c]
+            if first_draw:
+                prev[:c].copy_(cur)
+                continue
+            total = cur + prev[:c]
+            prev[:c].copy_(cur)
+            cur.copy_(total)
+        return 0 if first_draw else 1
 
 
 def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFConfig, opt: SGLD, chains: Chains,
@@ -179,6 +204,7 @@ def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFC
         "sampler_backend": opt.resolved_backend,
         "chain_batch": chains.size,
         "cov_dtype": str(cov_dtype).removeprefix("torch."),
+        "estimator": config.estimator,
         # A DataLoader's own batch size (None: batches from its batch_sampler).
         "eval_batch_size": {s.name: s.batch_size for s in sides},
     }
