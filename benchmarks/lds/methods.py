@@ -1,0 +1,169 @@
+"""Attribution methods of the retraining benchmark, each returning scores under the convention of
+``benchmarks/lds/__init__.py`` (the predicted change of query j's loss when training point i is included),
+with its wall time and its count of per-example gradient evaluations."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from benchmarks.lds.settings import Setting
+
+__all__ = ["Attribution", "bif", "exact_if", "graddot", "gradsim", "per_example_grads"]
+
+
+@dataclass
+class Attribution:
+    method: str
+    scores: torch.Tensor  # [n_train, n_query]
+    seconds: float
+    grad_evals: float  # per-example gradient evaluations (a forward-only loss evaluation counts 1/2)
+    info: dict = field(default_factory=dict)
+
+
+def _flat_params(model: torch.nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor], dict]]:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflatten(w: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, s = {}, 0
+        for n, shape in zip(names, shapes, strict=True):
+            k = int(torch.Size(shape).numel())
+            out[n] = w[s : s + k].view(shape)
+            s += k
+        return out
+
+    return flat, unflatten
+
+
+def per_example_grads(setting: Setting, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`[B, P]` gradients of each example's loss at the model's weights (no weight decay: that is not data)."""
+    w, unflatten = _flat_params(model)
+
+    def one(w_: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, unflatten(w_), (xi[None],))
+        return setting.loss(out, yi[None]).sum()
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(w, x, y)
+
+
+def graddot(setting: Setting, model: torch.nn.Module) -> Attribution:
+    t0 = time.perf_counter()
+    gt = per_example_grads(setting, model, setting.x_train, setting.y_train)
+    gq = per_example_grads(setting, model, setting.x_query, setting.y_query)
+    scores = -(gt @ gq.T)
+    return Attribution("GradDot", scores, time.perf_counter() - t0, gt.shape[0] + gq.shape[0])
+
+
+def gradsim(setting: Setting, model: torch.nn.Module) -> Attribution:
+    t0 = time.perf_counter()
+    gt = per_example_grads(setting, model, setting.x_train, setting.y_train)
+    gq = per_example_grads(setting, model, setting.x_query, setting.y_query)
+    unit = lambda g: g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
+    scores = -(unit(gt) @ unit(gq).T)
+    return Attribution("GradSim", scores, time.perf_counter() - t0, gt.shape[0] + gq.shape[0])
+
+
+def hessian(setting: Setting, model: torch.nn.Module, chunk: int = 512) -> torch.Tensor:
+    """`[P, P]` Hessian of the training objective at the model's weights (float64), by chunked HVPs."""
+    w, unflatten = _flat_params(model)
+
+    def obj(w_: torch.Tensor) -> torch.Tensor:
+        reg = w_.square().sum()
+        out = functional_call(model, unflatten(w_), (setting.x_train,))
+        return setting.loss(out, setting.y_train).mean() + 0.5 * setting.weight_decay * reg
+
+    return torch.func.jacrev(torch.func.grad(obj), chunk_size=chunk)(w)
+
+
+def exact_if(setting: Setting, model: torch.nn.Module, dampings: tuple[float, ...]) -> list[Attribution]:
+    """The influence function ``-g_i^T (H + lambda I)^-1 g_j`` with the exact Hessian of the objective, for each
+    damping. Negative eigenvalues (a non-convex point) are clamped to 0 before damping (a Gauss-Newton-like
+    positive part), so every damping gives a positive-definite system."""
+    t0 = time.perf_counter()
+    h = hessian(setting, model)
+    evals, evecs = torch.linalg.eigh(h)
+    gt = per_example_grads(setting, model, setting.x_train, setting.y_train) @ evecs
+    gq = per_example_grads(setting, model, setting.x_query, setting.y_query) @ evecs
+    shared = time.perf_counter() - t0
+    out = []
+    for lam in dampings:
+        t1 = time.perf_counter()
+        scores = -(gt / (evals.clamp_min(0) + lam)) @ gq.T
+        info = {"damping": lam, "min_eig": float(evals.min()), "max_eig": float(evals.max())}
+        # One HVP over the training set per parameter, plus the per-example gradients.
+        evaluations = h.shape[0] * setting.n_train + gt.shape[0] + gq.shape[0]
+        out.append(Attribution(f"IF (exact H, damping {lam:g})", scores, shared + time.perf_counter() - t1,
+                               evaluations, info))  # fmt: skip
+    return out
+
+
+def bif(setting: Setting, model: torch.nn.Module, config=None, label: str = "BIF (defaults)") -> Attribution:
+    """``bif_fast.compute_bif`` on the float32 copy of the model, per-example losses, ``config`` (None: the
+    library's defaults, as a new user calls it)."""
+    import bif_fast
+
+    m32 = _float32_copy(model)
+    train = torch.utils.data.TensorDataset(setting.x_train.float(), setting.y_train)
+    query = torch.utils.data.TensorDataset(setting.x_query.float(), setting.y_query)
+    t0 = time.perf_counter()
+    res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=config)
+    seconds = time.perf_counter() - t0
+    cfg = res.config
+    steps = cfg.num_chains * (cfg.num_burnin_steps + (cfg.num_draws - 1) * cfg.num_steps_bw_draws)
+    n_eval = setting.n_train + setting.x_query.shape[0]
+    evals = steps * min(cfg.batch_size, setting.n_train) + 0.5 * cfg.total_draws * n_eval
+    info = {"diverged": res.diagnostics["diverged"], "config": cfg.to_dict()}
+    return Attribution(label, res.bif.double(), seconds, evals, info)
+
+
+def _float32_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def top_curvature(setting: Setting, model: torch.nn.Module, iters: int = 40) -> float:
+    """The largest eigenvalue of the Hessian of the mean training loss (no weight decay), by power iteration
+    on Hessian-vector products (float64)."""
+    w, unflatten = _flat_params(model)
+
+    def data_loss(w_: torch.Tensor) -> torch.Tensor:
+        return setting.loss(functional_call(model, unflatten(w_), (setting.x_train,)), setting.y_train).mean()
+
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+    v /= v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        hv = torch.func.jvp(torch.func.grad(data_loss), (w,), (v,))[1]
+        lam = float(v @ hv)
+        v = hv / hv.norm()
+    return lam
+
+
+def bif_kinetic(setting: Setting, model: torch.nn.Module, *, nbeta: float, damping: float, chains: int = 8,
+                draws: int = 600, label: str | None = None) -> Attribution:  # fmt: skip
+    """The BIF with settings chosen by hand from the curvature: BAOAB at 0.8 x its stability limit, friction at
+    critical damping of the slowest mode, full-batch gradients, the objective's weight decay scaled into the
+    potential, localization = damping x nbeta (to first order a damped IF with that damping)."""
+    from bif_fast import BIFConfig, SGLDConfig
+
+    t0 = time.perf_counter()
+    lam_max = top_curvature(setting, model)
+    curvature_seconds = time.perf_counter() - t0
+    wd = nbeta * setting.weight_decay
+    loc = damping * nbeta
+    a_max, a_min = nbeta * lam_max + wd + loc, wd + loc
+    lr = 0.8 * 2.0 / a_max**0.5
+    sgld = SGLDConfig(lr=lr, nbeta=nbeta, localization=loc, weight_decay=wd, sampler="baoab", friction=2 * a_min**0.5)
+    cfg = BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, num_steps_bw_draws=1, batch_size=setting.n_train,
+                    eval_batch_size=2048, compute_stderr=False)  # fmt: skip
+    att = bif(setting, model, cfg, label or f"BIF (BAOAB, nbeta {nbeta:g}, damping {damping:g}, {chains}x{draws})")
+    att.seconds += curvature_seconds  # the choice of the step is part of the method's cost
+    att.info.update(lam_max=lam_max, lr=lr, curvature_seconds=curvature_seconds)
+    return att
