@@ -30,9 +30,15 @@ def ekfac_scores(setting: Setting, model: torch.nn.Module, dampings: tuple[float
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
             x, y = batch
             out = model(x)
-            if sample:  # the true Fisher: targets drawn from the model's own predictive distribution
+            # The true Fisher: targets drawn from the model's own predictive distribution (categorical for
+            # logits, unit-variance Gaussian for the squared loss's prediction).
+            if sample and setting.likelihood == "categorical":
                 with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(out.detach(), -1), 1).squeeze(1)
+                    probs = torch.softmax(out.detach().reshape(-1, out.shape[-1]), -1)
+                    y = torch.multinomial(probs, 1).view(y.shape)
+            elif sample:
+                with torch.no_grad():
+                    y = out.detach().reshape(y.shape) + torch.randn_like(y)
             return setting.loss(out, y).sum()
 
         def compute_measurement(self, batch, model) -> torch.Tensor:

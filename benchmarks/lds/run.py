@@ -104,21 +104,36 @@ def plot(name: str, results, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    colors = plt.get_cmap("tab20").colors
+    markers = {"Grad": "s", "IF": "o", "EK-": "^", "BIF": "D"}
     for ax, key, label in ((axes[0], "seconds", "wall time (s)"), (axes[1], "grad_evals", "gradient evaluations")):
-        for att, score in results:
-            x = att.seconds if key == "seconds" else att.grad_evals
-            ax.errorbar([x], [score.mean], yerr=[score.stderr], fmt="o", capsize=3, label=att.method)
+        for i, (att, score) in enumerate(results):
+            x = max(att.seconds, 1e-2) if key == "seconds" else att.grad_evals  # (a log axis has no 0)
+            ax.errorbar([x], [score.mean], yerr=[score.stderr], fmt=markers.get(att.method[:3], "o"), capsize=3,
+                        color=colors[i % len(colors)], label=att.method)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("LDS (mean ± s.e. over queries)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"retraining benchmark: {SETTINGS[name]().description}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _merge(text: str, ran: set[str]) -> str:
+    """This run's table rows plus the recorded rows (results.md) of the settings it did not run."""
+    path = HERE / "results.md"
+    old = path.read_text().splitlines()[2:] if path.exists() else []
+    lines = text.splitlines()
+    kept = [ln for ln in old if ln.startswith("| ") and ln.split("|")[1].strip() not in ran]
+    rows = lines[2:] + kept
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    rows.sort(key=lambda ln: order.get(ln.split("|")[1].strip(), len(order)))  # stable: method order kept
+    return "\n".join(lines[:2] + rows)
 
 
 def _write_readme(text: str) -> None:
@@ -147,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         from benchmarks.utils import write_rows
 
-        (HERE / "results.md").write_text(text + "\n")
-        _write_readme(text)
+        merged = _merge(text, set(all_results))
+        (HERE / "results.md").write_text(merged + "\n")
+        _write_readme(merged)
         write_rows("lds", [r for name, res in all_results.items() for r in _rows(name, res)])
     return 0
 

@@ -31,6 +31,7 @@ class Setting:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> [B] per-example loss
     weight_decay: float
     max_iter: int = 300  # L-BFGS iterations per restart (3 restarts)
+    likelihood: str = "categorical"  # what the loss is the NLL of: "categorical" (logits) or "gaussian" (unit variance)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -98,13 +99,66 @@ def diabetes_regression() -> Setting:
     tr, q = perm[:300], perm[300:]
     build = lambda: torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))  # noqa: E731
     text = "diabetes, MLP 10-32-1 tanh (385 params), squared loss, weight decay 1e-2, 300 train, 142 query"
-    return Setting("regression", text, _seeded(2, build), x[tr], y[tr], x[q], y[q], _sq, weight_decay=1e-2)
+    return Setting("regression", text, _seeded(2, build), x[tr], y[tr], x[q], y[q], _sq, weight_decay=1e-2,
+                   likelihood="gaussian")  # fmt: skip
+
+
+class TinyCausalLM(torch.nn.Module):
+    """One causal self-attention block over characters: embeddings, a single head, an MLP, the unembedding."""
+
+    def __init__(self, vocab: int, length: int, width: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.pos = torch.nn.Parameter(0.1 * torch.randn(length, width))
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(width, 2 * width), torch.nn.Tanh(), torch.nn.Linear(2 * width, width)
+        )
+        self.out = torch.nn.Linear(width, vocab)
+        self.register_buffer("causal", torch.tril(torch.ones(length, length, dtype=torch.bool)), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, V] logits
+        t = ids.shape[-1]
+        h = self.embed(ids) + self.pos[:t]
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        att = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        att = att.masked_fill(~self.causal[:t, :t], float("-inf")).softmax(-1)
+        h = h + att @ v
+        return self.out(h + self.mlp(h))
+
+
+def _sequence_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean next-character NLL: ``[B, T, V]`` logits and ``[B, T]`` targets -> ``[B]``."""
+    nll = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+    return nll.view(y.shape).mean(-1)
+
+
+def tiny_lm() -> Setting:
+    """Character-level causal LM on text every Python ships (stdlib docstrings), sequence-level losses."""
+    import importlib
+
+    names = ("json", "argparse", "csv", "logging", "random", "textwrap", "heapq", "bisect", "statistics", "fractions",
+             "calendar", "difflib", "shutil", "string", "glob", "fnmatch", "queue", "sched", "pathlib", "zipfile",
+             "tarfile", "decimal", "inspect", "dataclasses", "functools", "itertools", "collections")  # fmt: skip
+    text = " ".join(" ".join((importlib.import_module(n).__doc__ or "").split()) for n in names)
+    text = "".join(ch for ch in text.lower() if ch.isalpha() or ch in " .,")
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(ch) for ch in text], dtype=torch.long)
+    length, n_train, n_query = 17, 240, 80
+    starts = torch.randperm(ids.numel() - length, generator=torch.Generator().manual_seed(3))[: n_train + n_query]
+    seqs = torch.stack([ids[s : s + length] for s in starts.tolist()])
+    x, y = seqs[:, :-1], seqs[:, 1:]
+    text_ = f"stdlib docstrings, 1-block causal LM over {len(vocab)} characters, 16 positions, weight decay 1e-2, "
+    text_ += f"{n_train} train, {n_query} query sequences"
+    return Setting("lm", text_, _seeded(3, lambda: TinyCausalLM(len(vocab), length - 1)), x[:n_train], y[:n_train],
+                   x[n_train:], y[n_train:], _sequence_nll, weight_decay=1e-2)  # fmt: skip
 
 
 SETTINGS: dict[str, Callable[[], Setting]] = {
     "digits": digits_tanh,
     "relu": digits_relu,
     "regression": diabetes_regression,
+    "lm": tiny_lm,
 }
 
 
