@@ -109,8 +109,9 @@ def bif(setting: Setting, model: torch.nn.Module, config=None, label: str = "BIF
     import bif_fast
 
     m32 = _float32_copy(model)
-    train = torch.utils.data.TensorDataset(setting.x_train.float(), setting.y_train)
-    query = torch.utils.data.TensorDataset(setting.x_query.float(), setting.y_query)
+    f32 = lambda t: t.float() if t.dtype.is_floating_point else t  # noqa: E731  (token ids stay integers)
+    train = torch.utils.data.TensorDataset(f32(setting.x_train), f32(setting.y_train))
+    query = torch.utils.data.TensorDataset(f32(setting.x_query), f32(setting.y_query))
     t0 = time.perf_counter()
     res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=config)
     seconds = time.perf_counter() - t0
