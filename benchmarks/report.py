@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         diff = check(args.readme, args.results)
         if diff:
             print("\n".join(diff))
-            print(f"{args.readme} is stale: run `python benchmarks/report.py --write`", file=sys.stderr)
+            print(f"{args.readme.name} is stale: run `python benchmarks/report.py --write`", file=sys.stderr)
             return 1
-        print(f"{args.readme}: benchmark table matches {args.results}")
+        print(f"{args.readme.name}: benchmark table matches {args.results.name}/*.csv")
         return 0
     block = render(args.results)
     if args.write:
