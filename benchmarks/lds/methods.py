@@ -131,7 +131,8 @@ def _float32_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def top_curvature(setting: Setting, model: torch.nn.Module, iters: int = 40) -> float:
     """The largest eigenvalue of the Hessian of the mean training loss (no weight decay), by power iteration
-    on Hessian-vector products (float64)."""
+    on exact (forward-over-reverse) Hessian-vector products of the float64 reference model; the library's
+    ``bif_fast.engine.calibrate.top_curvature`` forms them by differences of gradients for any model."""
     w, unflatten = _flat_params(model)
 
     def data_loss(w_: torch.Tensor) -> torch.Tensor:
@@ -153,15 +154,16 @@ def bif_kinetic(setting: Setting, model: torch.nn.Module, *, nbeta: float, dampi
     critical damping of the slowest mode, full-batch gradients, the objective's weight decay scaled into the
     potential, localization = damping x nbeta (to first order a damped IF with that damping)."""
     from bif_fast import BIFConfig, SGLDConfig
+    from bif_fast.engine.calibrate import kinetic_settings
 
     t0 = time.perf_counter()
     lam_max = top_curvature(setting, model)
     curvature_seconds = time.perf_counter() - t0
     wd = nbeta * setting.weight_decay
     loc = damping * nbeta
-    a_max, a_min = nbeta * lam_max + wd + loc, wd + loc
-    lr = 0.8 * 2.0 / a_max**0.5
-    sgld = SGLDConfig(lr=lr, nbeta=nbeta, localization=loc, weight_decay=wd, sampler="baoab", friction=2 * a_min**0.5)
+    ks = kinetic_settings(lam_max, nbeta=nbeta, localization=loc, weight_decay=wd)
+    lr = ks.lr
+    sgld = SGLDConfig(lr=lr, nbeta=nbeta, localization=loc, weight_decay=wd, sampler="baoab", friction=ks.friction)
     cfg = BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, num_steps_bw_draws=1, batch_size=setting.n_train,
                     eval_batch_size=2048, compute_stderr=False)  # fmt: skip
     att = bif(setting, model, cfg, label or f"BIF (BAOAB, nbeta {nbeta:g}, damping {damping:g}, {chains}x{draws})")

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import torch
 
-from bif_fast._backend import ResolvedBackend
 from bif_fast.config import BIFConfig
 from bif_fast.engine.batched import ChainBatch
 from bif_fast.engine.data import sgld_batches, stack_batches
@@ -35,7 +34,6 @@ class Chains(Protocol):
 
     size: int
     numel: int
-    backend: ResolvedBackend
 
     def reset(self, chains: list[int]) -> None:
         """Start chains ``chains`` (global indices) at w* (the model's buffers as at entry), with fresh
@@ -73,7 +71,7 @@ class SequentialChains:
 
     def __init__(self, run: _Run, opt: SGLD):
         self.run, self.opt = run, opt
-        self.numel, self.backend = opt.numel, opt.resolved_backend
+        self.numel = opt.numel
         self._batches: Any = None
 
     def reset(self, chains: list[int]) -> None:
@@ -110,7 +108,7 @@ class BatchedChains:
 
     def __init__(self, run: _Run, batch: ChainBatch):
         self.run, self.batch = run, batch
-        self.size, self.numel, self.backend = batch.size, batch.numel, batch.backend
+        self.size, self.numel = batch.size, batch.numel
         self._batches: list = []
 
     def reset(self, chains: list[int]) -> None:

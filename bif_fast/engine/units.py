@@ -64,10 +64,10 @@ def minibatch_loss(out: torch.Tensor, mask: torch.Tensor | None, per_token: bool
     return torch.where(mask, out, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def evaluate(model, batches: list, loss_fn: LossFn, per_token: bool, name: str, *, check: bool = False,
-             dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:  # fmt: skip
-    """Losses (and, with ``check``, declared masks) of every batch, without gradients, in ``dtype`` (default:
-    float64 kept, anything else as float32). ``check`` validates each output (done once, at w*; at the draws
+def evaluate(model, batches: list, loss_fn: LossFn, per_token: bool, name: str, *,
+             check: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:  # fmt: skip
+    """Losses (and, with ``check``, declared masks) of every batch, without gradients (float64 kept,
+    anything else as float32). ``check`` validates each output (done once, at w*; at the draws
     the shapes are known and a changed shape fails in the gather)."""
     outs, masks = [], []
     with torch.no_grad():
@@ -75,7 +75,7 @@ def evaluate(model, batches: list, loss_fn: LossFn, per_token: bool, name: str, 
             out, mask = loss_and_mask(loss_fn, model, batch, per_token and check)
             if check:
                 out = check_loss(out, mask, batch_len(batch), per_token, name)
-            want = dtype if dtype is not None else (torch.float64 if out.dtype == torch.float64 else torch.float32)
+            want = torch.float64 if out.dtype == torch.float64 else torch.float32
             outs.append(out if out.dtype == want else out.to(want))
             masks.append(mask)
     return outs, masks
