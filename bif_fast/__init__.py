@@ -17,6 +17,7 @@ from typing import Any
 
 from bif_fast._backend import available_backends
 from bif_fast.api import compute_bif
+from bif_fast.calibration import calibrate
 from bif_fast.config import BIFConfig, SGLDConfig
 from bif_fast.ops import (
     RunningCrossCovariance,
@@ -42,6 +43,7 @@ __all__ = [
     "philox_normal_",
     "sgld_update_",
     "available_backends",
+    "calibrate",
     "compute_bif",
     "__version__",
 ]

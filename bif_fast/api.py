@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bif_fast._backend import Backend
+from bif_fast.calibration import calibrate_with_mass
 from bif_fast.config import BIFConfig
 from bif_fast.engine.data import check_eval_data, check_sgld_data
 from bif_fast.engine.run import run_bif
@@ -46,7 +47,9 @@ def compute_bif(
             ``loss_mask(batch)`` method (``bif_fast.losses.causal_lm`` does); otherwise every position
             is a unit. The mean of the same function over an SGLD minibatch (over the positions that
             count, per token) drives the sampler.
-        config (BIFConfig | None): sampling and evaluation settings. Default: ``BIFConfig()``.
+        config (BIFConfig | None): sampling and evaluation settings, used exactly as given. Default (None): the
+            calibrated settings ``bif_fast.calibrate`` chooses from the model and the data (curvature, the
+            re-fit probe, a 30-second budget), recorded in ``res.diagnostics["calibration"]``.
         per_token (bool): one unit per counted token instead of per sample. Default: False.
         sgld_data (Dataset | DataLoader | ChainMinibatches | None): source of SGLD minibatches. Default:
             ``train``, shuffled by a generator seeded with (seed, chain). A DataLoader is iterated as
@@ -71,8 +74,7 @@ def compute_bif(
         >>> compute_bif(model, data, data, loss_fn=loss_fn, config=cfg).bif.shape  # doctest: +SKIP
         torch.Size([20, 20])
     """
-    config = BIFConfig() if config is None else config
-    if not isinstance(config, BIFConfig):
+    if config is not None and not isinstance(config, BIFConfig):
         raise ValueError(f"config must be a BIFConfig, got {type(config).__name__}")
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -83,9 +85,21 @@ def compute_bif(
         raise ValueError("no parameters to sample (pass params= or set requires_grad)")
     check_eval_data(train, "train")
     check_eval_data(query, "query")
+    mass = None
+    if config is None:
+        if sgld_data is not None:
+            raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
+                             "config to sample with sgld_data")  # fmt: skip
+        calibrated = calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=sampled,
+                                         backend=backend)  # fmt: skip
+        config, mass = calibrated.config, calibrated.mass
+    if config.batch_size == "full" and sgld_data is not None:
+        raise ValueError("batch_size='full' takes its gradients from train itself; pass sgld_data=None")
     sgld_source = check_sgld_data(train if sgld_data is None else sgld_data)
     out = run_bif(model, sampled, train, query, loss_fn=loss_fn, config=config, per_token=per_token,
-                  sgld_source=sgld_source, backend=backend)  # fmt: skip
+                  sgld_source=sgld_source, backend=backend, mass=mass)  # fmt: skip
+    if config.calibration is not None:
+        out.diagnostics["calibration"] = config.calibration
     return BIFResult(
         bif=out.bif,
         bif_normalized=out.bif_normalized,

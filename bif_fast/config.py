@@ -11,6 +11,7 @@ __all__ = ["BIFConfig", "SGLDConfig"]
 
 Sampler = Literal["sgld", "baoab"]
 Precondition = Literal["none", "rmsprop"]
+Mass = Literal["identity", "curvature"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -43,6 +44,15 @@ class SGLDConfig:
     rmsprop_alpha: float = field(default=0.99, metadata=_help("RMSprop decay of the squared-gradient average"))
     rmsprop_eps: float = field(default=0.1, metadata=_help("RMSprop damping added to sqrt(V) (> 0)"))
     friction: float = field(default=1.0, metadata=_help("BAOAB friction coefficient (> 0)"))
+    mass: Mass = field(
+        default="identity",
+        metadata=_help(
+            "BAOAB mass matrix: 'identity', or 'curvature': a low-rank mass from the top mass_rank eigenpairs of the "
+            "Hessian of the mean training loss at w* (Lanczos), which slows the stiff directions to the pace of the "
+            "rest so that lr can be far larger (compute_bif builds it; bif_fast.engine.mass)"
+        ),
+    )
+    mass_rank: int = field(default=32, metadata=_help("eigenpairs of the curvature mass (>= 1)"))
     bounding_box_size: float | None = field(default=None, metadata=_help("clamp w to w* ± this (> 0), or None"))
 
     def __post_init__(self) -> None:
@@ -72,6 +82,12 @@ class SGLDConfig:
             fail("precondition", "must be 'none' or 'rmsprop'")
         if self.sampler == "baoab" and self.precondition != "none":
             fail("precondition", "must be 'none' with sampler='baoab'")
+        if self.mass not in ("identity", "curvature"):
+            fail("mass", "must be 'identity' or 'curvature'")
+        if self.mass == "curvature" and self.sampler != "baoab":
+            fail("mass", "must be 'identity' unless sampler='baoab'")
+        if isinstance(self.mass_rank, bool) or not isinstance(self.mass_rank, int) or self.mass_rank < 1:
+            fail("mass_rank", "must be an int >= 1")
         if self.bounding_box_size is not None and not (
             isinstance(self.bounding_box_size, (int, float)) and 0 < self.bounding_box_size < math.inf
         ):
@@ -114,7 +130,14 @@ class BIFConfig:
     num_draws: int = field(default=200, metadata=_help("draws per chain (>= 2 in total)"))
     num_burnin_steps: int = field(default=0, metadata=_help("SGLD steps discarded before the first draw"))
     num_steps_bw_draws: int = field(default=1, metadata=_help("SGLD steps between draws (>= 1)"))
-    batch_size: int = field(default=32, metadata=_help("SGLD minibatch size"))
+    batch_size: int | Literal["full"] = field(
+        default=32,
+        metadata=_help(
+            "SGLD minibatch size, or 'full': the gradient of the mean loss over the whole training set at every step "
+            "(accumulated over the evaluation batches; its forward also gives the draw's training losses, so they are "
+            "not evaluated again). 'full' samples from train itself (sgld_data must be None)"
+        ),
+    )
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))
     eval_max_tokens: int | Literal["auto"] | None = field(
         default="auto",
@@ -151,12 +174,22 @@ class BIFConfig:
             "num_steps_bw_draws=1; for plain SGLD: BAOAB's position marginal has no such bias)"
         ),
     )
+    calibration: dict[str, Any] | None = field(
+        default=None,
+        compare=False,
+        metadata=_help(
+            "what bif_fast.calibrate chose and why (its estimates, the rule behind each setting, the probe's scores "
+            "and costs); informational only: compute_bif copies it into res.diagnostics['calibration']"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.sgld, SGLDConfig):
             raise ValueError(f"BIFConfig.sgld must be an SGLDConfig, got {type(self.sgld).__name__}")
         minimum = {"num_chains": 1, "num_draws": 1, "num_burnin_steps": 0, "num_steps_bw_draws": 1, "batch_size": 1,
                    "eval_batch_size": 1, "seed": 0, "draws_per_update": 1}  # fmt: skip
+        if self.batch_size == "full":
+            minimum.pop("batch_size")
         for name, low in minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

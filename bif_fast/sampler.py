@@ -23,6 +23,7 @@ import torch
 
 from bif_fast._backend import Backend, resolve_backend
 from bif_fast.config import SGLDConfig
+from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["SGLD"]
@@ -58,6 +59,8 @@ class SGLD(torch.optim.Optimizer):
         seed (int): noise key. Default: 0.
         chain (int): chain index (a separate noise stream). Default: 0.
         backend (str): ``auto`` | ``triton`` | ``torch``. Default: ``auto``.
+        mass (LowRankMass | None): the low-rank mass of ``config.mass="curvature"`` (required then, over the
+            canonical flattening of fp32 parameters; ``bif_fast.engine.mass``). Default: None.
 
     Raises:
         ValueError: no parameters, non-float or non-leaf parameters, or parameters on several devices.
@@ -79,6 +82,7 @@ class SGLD(torch.optim.Optimizer):
         seed: int = 0,
         chain: int = 0,
         backend: Backend = "auto",
+        mass: LowRankMass | None = None,
     ) -> None:
         config = SGLDConfig() if config is None else config
         if not isinstance(config, SGLDConfig):
@@ -114,6 +118,8 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = 0
         self.diverged_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._segments = self._pack(unique)
+        self.mass = self._check_mass(mass)
+        self._noise = torch.empty(self.numel, device=self.device) if self.mass is not None else None
         self._init_state()
 
     def _pack(self, params: list[torch.Tensor]) -> list[_Segment]:
@@ -143,12 +149,25 @@ class SGLD(torch.optim.Optimizer):
             offset += total
         return segments
 
+    def _check_mass(self, mass: LowRankMass | None) -> LowRankMass | None:
+        if (mass is not None) != (self.config.mass == "curvature"):
+            raise ValueError("SGLD needs a LowRankMass exactly when config.mass='curvature'")
+        if mass is None:
+            return None
+        if len(self._segments) != 1 or self._segments[0].dtype != torch.float32:
+            raise ValueError("a curvature mass needs fp32 sampled parameters (one dtype)")
+        if mass.basis.shape[0] != self.numel:
+            raise ValueError(f"the mass covers {mass.basis.shape[0]} weights, the sampler {self.numel}")
+        return mass.to(self.device)
+
     def _init_state(self) -> None:
         for seg in self._segments:
             if seg.state is None and self.config.needs_state:
                 seg.state = torch.empty_like(seg.master)
             init_sampler_state_(seg.state, self.config, seed=self.seed, chain=self.chain, offset=seg.offset,
                                 backend=self.resolved_backend)  # fmt: skip
+            if self.mass is not None:
+                init_mass_velocity_(seg.state, self.mass)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -193,6 +212,11 @@ class SGLD(torch.optim.Optimizer):
         (which a small model pays for at every step)."""
         for seg in self._segments:
             self._gather_grads(seg)
+            if self.mass is not None:
+                mass_step_(self.resolved_backend, seg.master, seg.flat_grad, seg.anchor, seg.state, config=self.config,
+                           mass=self.mass, seed=self.seed, chain=self.chain, step=self.num_steps, noise=self._noise,
+                           out=None, diverged=self.diverged_flag)  # fmt: skip
+                continue
             sgld_update_resolved_(
                 self.resolved_backend,
                 seg.master,

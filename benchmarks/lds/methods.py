@@ -117,8 +117,11 @@ def bif(setting: Setting, model: torch.nn.Module, config=None, label: str = "BIF
     seconds = time.perf_counter() - t0
     cfg = res.config
     steps = cfg.num_chains * (cfg.num_burnin_steps + (cfg.num_draws - 1) * cfg.num_steps_bw_draws)
-    n_eval = setting.n_train + setting.x_query.shape[0]
-    evals = steps * min(cfg.batch_size, setting.n_train) + 0.5 * cfg.total_draws * n_eval
+    full = cfg.batch_size == "full"
+    reused = res.diagnostics.get("forward_reuse", False)  # a draw's training losses come from the step's forward
+    n_eval = (0 if reused else setting.n_train) + setting.x_query.shape[0]
+    evals = steps * (setting.n_train if full else min(cfg.batch_size, setting.n_train)) + 0.5 * cfg.total_draws * n_eval
+    evals += res.diagnostics.get("calibration_grad_evals", 0)
     info = {"diverged": res.diagnostics["diverged"], "config": cfg.to_dict()}
     return Attribution(label, res.bif.double(), seconds, evals, info)
 

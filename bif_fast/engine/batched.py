@@ -27,7 +27,8 @@ import torch
 from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.data import leading_dims
-from bif_fast.engine.units import loss_and_mask, minibatch_loss
+from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
+from bif_fast.engine.units import full_batch_term, loss_and_mask, minibatch_loss
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["ChainBatch"]
@@ -43,8 +44,10 @@ class _LossModule(torch.nn.Module):
         self.loss_fn = loss_fn
         self.per_token = per_token
 
-    def forward(self, batch: Any, minibatch: bool = False) -> torch.Tensor:
-        out, mask = loss_and_mask(self.loss_fn, self.model, batch, self.per_token and minibatch)
+    def forward(self, batch: Any, minibatch: bool = False, with_mask: bool = False) -> Any:
+        out, mask = loss_and_mask(self.loss_fn, self.model, batch, self.per_token and (minibatch or with_mask))
+        if with_mask:
+            return out, mask
         return minibatch_loss(out, mask, self.per_token) if minibatch else out
 
 
@@ -66,7 +69,7 @@ class ChainBatch:
     """
 
     def __init__(self, model, params, loss_fn, config: SGLDConfig, *, seed: int, size: int, backend: ResolvedBackend,
-                 per_token: bool):  # fmt: skip
+                 per_token: bool, mass: LowRankMass | None = None):  # fmt: skip
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"batched chains need one parameter dtype, got {sorted(map(str, dtypes))}")
@@ -96,6 +99,8 @@ class ChainBatch:
         self.grad = torch.zeros(size, total, dtype=self.dtype, device=self.device)
         self.state = torch.zeros(size, total, device=self.device) if config.needs_state else None
         self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
+        self.mass = mass
+        self.noise = torch.empty(total, device=self.device) if mass is not None else None
         self.chains: list[int] = []
         self.num_steps = 0
 
@@ -113,6 +118,8 @@ class ChainBatch:
             for i, c in enumerate(self.chains):
                 init_sampler_state_(None if self.state is None else self.state[i], self.config, seed=self.seed,
                                     chain=c, offset=0, backend=self.backend)  # fmt: skip
+                if self.mass is not None:
+                    init_mass_velocity_(self.state[i], self.mass)
         self.diverged_flags.zero_()
         self.num_steps = 0
 
@@ -160,11 +167,43 @@ class ChainBatch:
             self.param.grad = self.grad
         return self.grad[:c]
 
+    def full_gradient(self, batches: list, count: int) -> list[torch.Tensor]:
+        """Gradients (into ``self.grad``) of each chain's mean loss over ``batches`` (``count`` units in all),
+        and the losses of its forward, ``[C, B(, T)]`` per batch (float32, or float64 kept)."""
+        c = self.c
+        self.grad[:c].zero_()
+        self.param.grad = self.grad
+        outs = []
+        with torch.enable_grad():
+            for batch in batches:
+                views = self._views(self.param[:c])
+                out, total = torch.func.vmap(self._full_term, in_dims=(0, None, None))(views, batch, count)
+                total.sum().backward()
+                out = out.detach()
+                outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
+        if self.param.grad is not self.grad:
+            self.grad.copy_(self.param.grad)
+            self.param.grad = self.grad
+        return outs
+
+    def _full_term(self, params: dict[str, torch.Tensor], batch: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, mask = torch.func.functional_call(self.wrapper, params, (batch,), {"with_mask": True})
+        return out, full_batch_term(out, mask, count, self.per_token)
+
     def step(self, batch: Any) -> None:
         """One SGLD step of every chain on its own minibatch (``batch`` stacked along dim 0)."""
         self.gradient(batch)
+        self.update()
+
+    def update(self) -> None:
+        """The sampler update of every chain from the gradients in ``self.grad``."""
         with torch.no_grad():
             for i, chain in enumerate(self.chains):
+                if self.mass is not None:
+                    mass_step_(self.backend, self.master[i].detach(), self.grad[i], self.anchor, self.state[i],
+                               config=self.config, mass=self.mass, seed=self.seed, chain=chain, step=self.num_steps,
+                               noise=self.noise, out=None, diverged=self.diverged_flags[i : i + 1])  # fmt: skip
+                    continue
                 sgld_update_resolved_(
                     self.backend, self.master[i].detach(), self.grad[i], self.anchor,
                     None if self.state is None else self.state[i], config=self.config, seed=self.seed, chain=chain,

@@ -21,12 +21,16 @@ from typing import Any
 
 import torch
 
+from bif_fast.config import SGLDConfig
+from bif_fast.engine.mass import LowRankMass, curvature_mass
 from bif_fast.engine.units import LossFn, loss_and_mask, minibatch_loss
 
-__all__ = ["KineticSettings", "kinetic_settings", "top_curvature"]
+__all__ = ["KineticSettings", "curvature_mass_at_w_star", "full_gradient", "hessian_vector_product", "kinetic_settings",
+           "lanczos_iters", "top_curvature", "top_eigenpairs"]
 
 
-def _gradient(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, per_token: bool) -> torch.Tensor:
+def full_gradient(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list,
+                  per_token: bool) -> torch.Tensor:  # fmt: skip
     """Flat gradient of the mean loss over ``batches`` (weighted by their sizes), float32."""
     total, weight = None, 0
     for batch in batches:
@@ -50,26 +54,32 @@ def top_curvature(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_f
         gradient evaluations each). The weights are left exactly as they were.
     """
     w0 = [p.detach().clone() for p in params]
-    scale = math.sqrt(sum(float(p.float().square().sum()) for p in w0) / max(sum(p.numel() for p in w0), 1))
     v = torch.randn(sum(p.numel() for p in w0), generator=torch.Generator().manual_seed(seed))
     v = v.to(w0[0].device) / v.norm()
     lam, done = 0.0, 0
-    try:
-        for done in range(1, iters + 1):
-            eps = 1e-3 * max(scale, 1e-3)
-            hv = (_shifted_gradient(model, params, w0, v, eps, loss_fn, batches, per_token)
-                  - _shifted_gradient(model, params, w0, v, -eps, loss_fn, batches, per_token)) / (2 * eps)  # fmt: skip
-            new = float(v @ hv)
-            v = hv / hv.norm().clamp_min(1e-30)
-            if done > 3 and abs(new - lam) <= rtol * abs(new):
-                lam = new
-                break
+    for done in range(1, iters + 1):
+        hv = hessian_vector_product(model, params, w0, v, loss_fn, batches, per_token)
+        new = float(v @ hv)
+        v = hv / hv.norm().clamp_min(1e-30)
+        if done > 3 and abs(new - lam) <= rtol * abs(new):
             lam = new
+            break
+        lam = new
+    return {"lam_max": lam, "iters": done, "hvps": done}
+
+
+def hessian_vector_product(model, params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], v: torch.Tensor,
+                           loss_fn: LossFn, batches: list, per_token: bool) -> torch.Tensor:  # fmt: skip
+    """``H v`` at the weights ``w0`` by a central difference of full-batch gradients (step 1e-3 x the rms
+    weight along the unit vector v); the parameters are put back at ``w0`` exactly."""
+    eps = 1e-3 * max(math.sqrt(sum(float(w.float().square().sum()) for w in w0) / max(v.numel(), 1)), 1e-3)
+    try:
+        plus = _shifted_gradient(model, params, w0, v, eps, loss_fn, batches, per_token)
+        return (plus - _shifted_gradient(model, params, w0, v, -eps, loss_fn, batches, per_token)) / (2 * eps)
     finally:
         with torch.no_grad():
             for p, w in zip(params, w0, strict=True):
                 p.copy_(w)
-    return {"lam_max": lam, "iters": done, "hvps": done}
 
 
 def _shifted_gradient(model, params, w0, v: torch.Tensor, eps: float, loss_fn, batches, per_token) -> torch.Tensor:
@@ -78,7 +88,63 @@ def _shifted_gradient(model, params, w0, v: torch.Tensor, eps: float, loss_fn, b
         for p, w in zip(params, w0, strict=True):
             p.copy_(w + eps * v[start : start + w.numel()].view_as(w).to(w.dtype))
             start += w.numel()
-    return _gradient(model, params, loss_fn, batches, per_token)
+    return full_gradient(model, params, loss_fn, batches, per_token)
+
+
+def lanczos_iters(rank: int, numel: int) -> int:
+    """Lanczos steps for ``rank`` converged top eigenpairs (and the next eigenvalue): twice the rank plus a
+    margin, at most the dimension."""
+    return min(numel, 2 * rank + 8)
+
+
+def top_eigenpairs(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, *,
+                   rank: int, per_token: bool = False, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The top ``rank + 1`` eigenvalues and ``rank`` eigenvectors of the Hessian of the mean loss over
+    ``batches`` at the current weights: Lanczos with full reorthogonalisation on central-difference
+    Hessian-vector products (``lanczos_iters(rank, N)`` products, two gradient evaluations each).
+
+    Returns:
+        dict with ``eigvals`` ``[rank + 1]`` (descending), ``eigvecs`` ``[N, rank]`` fp32 orthonormal,
+        ``hvps``. The weights are left exactly as they were.
+    """
+    w0 = [p.detach().clone() for p in params]
+    numel = sum(p.numel() for p in w0)
+    m = lanczos_iters(rank, numel)
+    if m < 2:
+        raise ValueError("Lanczos needs at least two sampled weights")
+    basis = torch.zeros(m, numel, device=w0[0].device)
+    q = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(w0[0].device)
+    basis[0] = q / q.norm()
+    alphas, betas = [], []
+    for j in range(m):
+        hv = hessian_vector_product(model, params, w0, basis[j], loss_fn, batches, per_token)
+        alphas.append(float(basis[j] @ hv))
+        for _ in range(2):  # full reorthogonalisation, twice (classical Gram-Schmidt loses orthogonality once)
+            hv -= basis[: j + 1].T @ (basis[: j + 1] @ hv)
+        beta = float(hv.norm())
+        if j + 1 == m or beta <= 1e-10 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis[j + 1] = hv / beta
+    size = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if size > 1:
+        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(t)
+    order = evals.argsort(descending=True)
+    evals, evecs = evals[order], evecs[:, order]
+    keep = min(rank, size - 1)
+    vecs = basis[:size].T @ evecs[:, :keep].to(basis)
+    return {"eigvals": evals[: keep + 1].float(), "eigvecs": vecs, "hvps": size}
+
+
+def curvature_mass_at_w_star(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list,
+                             config: SGLDConfig, per_token: bool, *, seed: int = 0) -> LowRankMass:  # fmt: skip
+    """``config``'s low-rank mass (``mass="curvature"``, ``mass_rank``) from the Hessian at the current weights."""
+    pairs = top_eigenpairs(model, params, loss_fn, batches, rank=config.mass_rank, per_token=per_token, seed=seed)
+    return curvature_mass(pairs["eigvals"], pairs["eigvecs"], nbeta=config.nbeta,
+                          a_min=config.weight_decay + config.localization)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from bif_fast.config import BIFConfig
 from bif_fast.engine.batched import ChainBatch
 from bif_fast.engine.data import sgld_batches, stack_batches
 from bif_fast.engine.model_state import ModelState
-from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask, minibatch_loss
+from bif_fast.engine.units import LossFn, Units, evaluate, full_batch_term, loss_and_mask, minibatch_loss
 from bif_fast.sampler import SGLD
 
-__all__ = ["BatchedChains", "Chains", "SequentialChains", "chain_batch_size", "make_chains"]
+__all__ = ["BatchedChains", "Chains", "FullBatch", "SequentialChains", "chain_batch_size", "make_chains"]
 
 logger = logging.getLogger("bif_fast")
 
@@ -42,6 +42,10 @@ class Chains(Protocol):
     def steps(self, count: int) -> None:
         """``count`` sampler steps of every chain of the group."""
 
+    def step_with_losses(self) -> list[torch.Tensor]:
+        """One full-batch step (``batch_size="full"``) that also returns the training losses of its
+        forward, i.e. at the weights before the step, ``[C, B(, T)]`` per evaluation batch."""
+
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         """The losses of every evaluation batch at each chain's weights, ``[C, B(, T)]`` each."""
 
@@ -56,12 +60,21 @@ class _Run:
     """What both implementations share: the model's state, the loss, and the minibatch source."""
 
     def __init__(self, model, state: ModelState, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
-                 device: torch.device, per_token: bool):  # fmt: skip
+                 device: torch.device, per_token: bool, full: FullBatch | None):  # fmt: skip
         self.model, self.state, self.loss_fn, self.sgld_source = model, state, loss_fn, sgld_source
-        self.config, self.device, self.per_token = config, device, per_token
+        self.config, self.device, self.per_token, self.full = config, device, per_token, full
 
     def minibatches(self, chain: int):
+        if self.full is not None:
+            return iter(())
         return sgld_batches(self.sgld_source, self.config.batch_size, self.config.seed, chain, self.device)
+
+
+class FullBatch:
+    """The whole training set as the SGLD batch: its evaluation batches and its number of units."""
+
+    def __init__(self, batches: list, count: int):
+        self.batches, self.count = batches, count
 
 
 class SequentialChains:
@@ -86,10 +99,25 @@ class SequentialChains:
         run = self.run
         run.state.own_mode()
         for _ in range(count):
+            if run.full is not None:
+                self.step_with_losses()
+                continue
             batch = next(self._batches)
             self.opt.zero_grad()
             minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
             self.opt.raw_step()
+
+    def step_with_losses(self) -> list[torch.Tensor]:
+        run, full = self.run, self.run.full
+        run.state.own_mode()
+        self.opt.zero_grad()
+        outs = []
+        for batch in full.batches:
+            out, mask = loss_and_mask(run.loss_fn, run.model, batch, run.per_token)
+            full_batch_term(out, mask, full.count, run.per_token).backward()
+            outs.append(out.detach().unsqueeze(0))
+        self.opt.raw_step()
+        return outs
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         self.run.state.eval_mode()
@@ -121,7 +149,16 @@ class BatchedChains:
             return
         self.run.state.own_mode()
         for _ in range(count):
+            if self.run.full is not None:
+                self.step_with_losses()
+                continue
             self.batch.step(stack_batches([next(it) for it in self._batches]))
+
+    def step_with_losses(self) -> list[torch.Tensor]:
+        self.run.state.own_mode()
+        outs = self.batch.full_gradient(self.run.full.batches, self.run.full.count)
+        self.batch.update()
+        return outs
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         self.run.state.eval_mode()
@@ -161,10 +198,12 @@ def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int
 
 
 def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
-                per_token: bool, size: int, checks: list[tuple[list, Units, torch.Tensor]]) -> Chains:  # fmt: skip
+                per_token: bool, size: int, checks: list[tuple[list, Units, torch.Tensor]],
+                full: FullBatch | None = None) -> Chains:  # fmt: skip
     """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
-    (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``."""
-    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token)
+    (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``. ``full``:
+    full-batch steps over these batches."""
+    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full)
     if size > 1:
         batch, why_not = _try_chain_batch(run, opt, size, checks)
         if batch is not None:
@@ -183,7 +222,7 @@ def _try_chain_batch(run: _Run, opt: SGLD, size: int, checks) -> tuple[ChainBatc
         warnings.simplefilter("ignore")
         try:
             batch = ChainBatch(run.model, opt.params, run.loss_fn, run.config.sgld, seed=run.config.seed, size=size,
-                               backend=opt.resolved_backend, per_token=run.per_token)  # fmt: skip
+                               backend=opt.resolved_backend, per_token=run.per_token, mass=opt.mass)  # fmt: skip
             batch.reset(list(range(size)))
             run.state.eval_mode()
             for batches, units, ref in checks:
@@ -199,9 +238,16 @@ def _try_chain_batch(run: _Run, opt: SGLD, size: int, checks) -> tuple[ChainBatc
 
 
 def _check_gradient(run: _Run, opt: SGLD, batch: ChainBatch, size: int) -> str | None:
-    trial = next(run.minibatches(0))
-    got = batch.gradient(stack_batches([trial] * size)).clone()
-    loss = minibatch_loss(*loss_and_mask(run.loss_fn, run.model, trial, run.per_token), run.per_token)
+    if run.full is not None:
+        trial = run.full.batches[0]
+        batch.full_gradient([trial], run.full.count)
+        got = batch.grad[0].clone()
+        out, mask = loss_and_mask(run.loss_fn, run.model, trial, run.per_token)
+        loss = full_batch_term(out, mask, run.full.count, run.per_token)
+    else:
+        trial = next(run.minibatches(0))
+        got = batch.gradient(stack_batches([trial] * size)).clone()
+        loss = minibatch_loss(*loss_and_mask(run.loss_fn, run.model, trial, run.per_token), run.per_token)
     grads = torch.autograd.grad(loss, opt.params, allow_unused=True)
     want = torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(opt.params, grads,
                                                                                            strict=True)])  # fmt: skip

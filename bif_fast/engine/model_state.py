@@ -51,6 +51,13 @@ class ModelState:
                 p.grad = grad
         self.own_mode()
 
+    @property
+    def modes_agree(self) -> bool:
+        """Whether the model computes the same in its own mode as in eval mode, as far as can be known: every
+        submodule is in eval mode already, or is a torch.nn module whose forward ignores the flag (so a
+        full-batch SGLD forward also gives the evaluation's losses)."""
+        return all(not training or _mode_free(m) for m, training in self._flags)
+
     def reset_buffers(self) -> None:
         """Put every buffer back at its value at entry (each chain starts from the same model)."""
         with torch.no_grad():
@@ -76,3 +83,23 @@ class ModelState:
                 else:
                     m.training = training
             self._mode = "own"
+
+
+# torch.nn modules whose forward does not read ``self.training`` (dropout, batch and instance norms, RNNs
+# with dropout and any user module may, so they are not listed).
+_MODE_FREE = (
+    torch.nn.Linear, torch.nn.Bilinear, torch.nn.Identity, torch.nn.Embedding, torch.nn.EmbeddingBag,
+    torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.Flatten, torch.nn.Unflatten,
+    torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict,
+    torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d, torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.MaxPool3d, torch.nn.AvgPool1d,
+    torch.nn.AvgPool2d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d,
+    torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool3d,
+    torch.nn.ReLU, torch.nn.GELU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.SiLU, torch.nn.LeakyReLU, torch.nn.ELU,
+    torch.nn.Softplus, torch.nn.Softmax, torch.nn.LogSoftmax, torch.nn.Mish, torch.nn.Hardtanh, torch.nn.ReLU6,
+)  # fmt: skip
+
+
+def _mode_free(module: torch.nn.Module) -> bool:
+    """A torch.nn module of the list (a user subclass may read the flag in its own forward)."""
+    return isinstance(module, _MODE_FREE) and type(module).__module__.startswith("torch.")

@@ -18,15 +18,17 @@ from torch.utils.data import DataLoader
 
 from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
-from bif_fast.engine.chains import Chains, chain_batch_size, make_chains
+from bif_fast.engine.calibrate import curvature_mass_at_w_star
+from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
 from bif_fast.engine.data import eval_batches, first_item, token_capped_batch_size
+from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
 from bif_fast.engine.units import LossFn, Units, check_loss, evaluate, loss_and_mask
 from bif_fast.result import BIFError
 from bif_fast.sampler import SGLD
 
-__all__ = ["EvalSet", "RunOutput", "run_bif"]
+__all__ = ["EvalSet", "RunOutput", "eval_set", "run_bif"]
 
 #: ``eval_max_tokens="auto"``: loss positions per evaluation batch, by device type (the CPU figure is the
 #: fastest measured, benchmarks/results/end_to_end.csv; on a GPU larger batches keep the device busy).
@@ -56,33 +58,40 @@ class RunOutput:
 
 
 def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any, query: Any, *, loss_fn: LossFn,
-            config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend) -> RunOutput:  # fmt: skip
+            config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend,
+            mass: LowRankMass | None = None) -> RunOutput:  # fmt: skip
     """Sample the chains and pool their draws; the model is left exactly as it was."""
     t_start = time.perf_counter()
     device = sampled[0].device
     with ModelState(model, sampled) as state:
         state.eval_mode()
-        sides = [_eval_set(model, data, loss_fn, config, per_token, device, name)
+        sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
                  for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
         # Losses are kept in float64 when loss_fn gives float64, else float32.
         loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
         cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
         n, p = sides[0].units.n, sides[1].units.n
-        opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend)
+        full = FullBatch(sides[0].batches, n) if config.batch_size == "full" else None
+        if config.sgld.mass == "curvature" and mass is None:
+            mass = curvature_mass_at_w_star(model, sampled, loss_fn, sides[0].batches, config.sgld, per_token,
+                                            seed=config.seed)  # fmt: skip
+        opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
         rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
         size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
         checks = [(s.batches, s.units, s.at_w_star) for s in sides]
-        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks)
+        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full)
         pool = Pool(n, p, device, cov_dtype, config)
-        traces = _draw_loop(chains, pool, sides, config, loss_dtype, device)
+        reuse = full is not None and state.modes_agree
+        traces = _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse)
         diagnostics = _diagnostics(sides, pool, traces, config, opt, chains, cov_dtype, t_start)
+        diagnostics["forward_reuse"] = reuse
         if pool.pooled.count < 2:
             raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)
         bif, bif_normalized, stderr = pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
     return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
 
 
-def _eval_set(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,
+def eval_set(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,
               name: str) -> EvalSet:  # fmt: skip
     """Collate the evaluation batches once, on the model's device, and find the units from the losses at w*."""
     size = _eval_batch_size(model, data, loss_fn, config, per_token, device, name)
@@ -121,8 +130,9 @@ class _Traces:
 
 
 def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
-               device: torch.device) -> _Traces:  # fmt: skip
+               device: torch.device, reuse: bool) -> _Traces:  # fmt: skip
     """Every chain's draws into its accumulator, k at a time; each chain is folded into the pool at its end.
+    ``reuse``: the training losses of a draw come from the forward of the full-batch step that follows it.
 
     With ``estimator="lag1"`` the accumulator gets the sums of consecutive draws (one fewer per chain): a
     quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
@@ -141,17 +151,22 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
         chains.steps(config.num_burnin_steps)
         filled, dists, means = 0, [], []
         for d in range(num_draws):
-            for s, buf in zip(sides, bufs, strict=True):
-                s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
             dists.append(chains.distance())
+            steps = config.num_steps_bw_draws if d < num_draws - 1 else 0
+            if reuse and steps:  # the step's full-batch forward gives the training losses at this draw
+                sides[1].units.gather_rows(chains.evaluate(sides[1].batches), out=bufs[1][filled, :c])
+                sides[0].units.gather_rows(chains.step_with_losses(), out=bufs[0][filled, :c])
+                steps -= 1
+            else:
+                for s, buf in zip(sides, bufs, strict=True):
+                    s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
             means.append(bufs[0][filled, :c].mean(1))
             filled += 1 if pairs is None else pairs.pair(filled, c, first_draw=d == 0)
             if filled == k or (d == num_draws - 1 and filled > 0):
                 for i in range(c):
                     accs[i].update(bufs[0][:filled, i], bufs[1][:filled, i], check_finite=False)
                 filled = 0
-            if d < num_draws - 1:
-                chains.steps(config.num_steps_bw_draws)
+            chains.steps(steps)
             if bar is not None:
                 bar.update(c)
         traces.mean_train_loss[rows] = torch.stack(means, 1)

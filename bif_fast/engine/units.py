@@ -20,7 +20,7 @@ import torch
 
 from bif_fast.engine.data import batch_len
 
-__all__ = ["Units", "check_loss", "evaluate", "loss_and_mask", "minibatch_loss"]
+__all__ = ["Units", "check_loss", "evaluate", "full_batch_term", "loss_and_mask", "minibatch_loss"]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -62,6 +62,14 @@ def minibatch_loss(out: torch.Tensor, mask: torch.Tensor | None, per_token: bool
         return out.mean()
     mask = mask.bool()
     return torch.where(mask, out, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def full_batch_term(out: torch.Tensor, mask: torch.Tensor | None, count: int, per_token: bool) -> torch.Tensor:
+    """One evaluation batch's share of the mean loss over the whole training set (``count`` units in all):
+    summed over the batches, the full-batch SGLD loss."""
+    if per_token and mask is not None:
+        return torch.where(mask.bool(), out, 0.0).sum() / count
+    return out.sum() / count
 
 
 def evaluate(model, batches: list, loss_fn: LossFn, per_token: bool, name: str, *,

@@ -1,0 +1,313 @@
+"""``calibrate``: the sampler settings ``compute_bif`` uses when it is given no config, chosen from the model
+and the data, with the reason for each in ``BIFConfig.calibration``.
+
+The rules, in order (each estimate and its cost is recorded):
+
+1. **Curvature.** The top eigenpairs of the Hessian of the mean training loss at w* (Lanczos on
+   central-difference Hessian-vector products, ``engine.calibrate.top_eigenpairs``) and its most
+   negative eigenvalue (power iteration on ``lam_max I - H``).
+2. **The objective's weight decay.** At a minimum of ``L + (wd / 2) |w|^2`` the data gradient is
+   ``-wd w*``; when the gradient at w* points along ``-w*`` (cosine > 0.9) that ``wd`` is taken into the
+   potential (``weight_decay = nbeta wd``), as the posterior of the trained objective has it.
+3. **nbeta** = 1000 x the number of training sequences: a localised posterior in its Gaussian regime
+   (losses move by ~1e-3 of their size), where the BIF is, to first order, the damped influence function
+   ``g_i^T (H + damping)^-1 g_j`` and its cost does not depend on nbeta; a hundredfold smaller nbeta (a
+   wider, non-Gaussian posterior, which helped on non-smooth minima) is a candidate of the probe too.
+4. **Sampler.** BAOAB (kinetic Langevin) with the low-rank curvature mass (``engine.mass``), step
+   ``0.8 x 2 / sqrt(a_ref)`` (the stability limit of the preconditioned potential), friction at critical
+   damping of the slowest mode ``2 sqrt(a_min)``, full-batch gradients (their forward reused for the
+   draws). A pilot that diverges halves the step and is run again, and the log says so.
+5. **Damping** (``localization = damping x nbeta``) from candidates ``{3e-4, 1e-3, 3e-3, 1e-2} x lam_max``
+   (never below twice the negative curvature not covered by the weight decay), scored by the re-fit probe
+   (``engine.probe``: warm-started re-fits on random halves, scored like the LDS) on short pilot runs; the
+   best is then tried against the hundredfold smaller nbeta.
+6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows at the pilots'
+   measured speed (at least twice the calibration's time and 100 draws per chain). The probe's ranking is
+   carried to that length: a correlation measured through Monte-Carlo noise of variance c / N shrinks by
+   ``1 / sqrt(1 + c / N)``, and each pilot's two independent halves give its c.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bif_fast._backend import Backend
+from bif_fast.config import BIFConfig, SGLDConfig
+from bif_fast.engine.calibrate import full_gradient, hessian_vector_product, lanczos_iters, top_eigenpairs
+from bif_fast.engine.data import check_eval_data
+from bif_fast.engine.mass import LowRankMass, curvature_mass
+from bif_fast.engine.model_state import ModelState
+from bif_fast.engine.probe import RefitProbe, probe_score, refit_probe
+from bif_fast.engine.run import eval_set, run_bif
+from bif_fast.engine.units import LossFn
+from bif_fast.result import BIFError
+
+__all__ = ["Calibrated", "calibrate", "calibrate_with_mass"]
+
+logger = logging.getLogger("bif_fast")
+
+DAMPINGS = (3e-4, 1e-3, 3e-3, 1e-2)  # x lam_max
+NBETA_PER_SEQUENCE = 1000.0
+SMALL_NBETA_FACTOR = 0.01
+MASS_RANK = 32
+MASS_BYTES = 1 << 30  # Lanczos basis budget; above it the sampler runs with unit mass
+PILOT_CHAINS, PILOT_DRAWS = 4, 100
+FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
+REFITS, REFIT_STEPS = 12, 100
+SAFETY = 0.8
+EVAL_BATCH = 1024  # sequences per evaluation batch (and per slice of the full-batch gradient)
+SAMPLING_SHARE = 0.85  # of the time left after calibration: the final run's own set-up and slower steps
+MIN_SAMPLING_FACTOR = 1.5  # the final run gets at least this many times the calibration's own time
+MAX_NOISE_RATIO = 3.0  # cap of the pilots' estimated noise-to-signal ratio c / N (the extrapolation's reach)
+
+
+@dataclass
+class Calibrated:
+    config: BIFConfig
+    mass: LowRankMass | None
+
+
+def calibrate(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn: LossFn, per_token: bool = False,
+              params: Sequence[torch.Tensor] | None = None, budget_seconds: float = 30.0, seed: int = 0,
+              backend: Backend = "auto") -> BIFConfig:  # fmt: skip
+    """The ``BIFConfig`` that ``compute_bif(model, train, query, loss_fn=loss_fn)`` uses when given no config.
+
+    Args:
+        model, train, loss_fn, per_token, params, backend: as in ``compute_bif``.
+        query (Dataset | DataLoader | None): the observables the probe scores predictions of (default: train).
+        budget_seconds (float): wall time for calibration and sampling together. The sampling run gets 85% of
+            what the calibration leaves, but at least twice the calibration's own time (a model too slow for
+            the budget still gets a useful run) and at least 100 draws per chain. Default: 30.
+        seed (int): seed of the probe, the pilots and the returned config.
+
+    Returns:
+        BIFConfig: the settings, with ``calibration`` holding each estimate, the rule behind each choice,
+        the probe's candidate scores and the costs. The model is left exactly as it was.
+
+    Raises:
+        ValueError: bad arguments. BIFError: every pilot diverged even at the smallest step tried.
+    """
+    return calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=params,
+                               budget_seconds=budget_seconds, seed=seed, backend=backend).config  # fmt: skip
+
+
+def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn: LossFn,
+                        per_token: bool = False, params: Sequence[torch.Tensor] | None = None,
+                        budget_seconds: float = 30.0, seed: int = 0,
+                        backend: Backend = "auto") -> Calibrated:  # fmt: skip
+    """``calibrate``, also returning the chosen mass (so ``compute_bif`` need not rebuild it)."""
+    t0 = time.perf_counter()
+    if not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0 and math.isfinite(budget_seconds)):
+        raise ValueError(f"budget_seconds must be a finite number > 0, got {budget_seconds!r}")
+    query = train if query is None else query
+    check_eval_data(train, "train")
+    check_eval_data(query, "query")
+    sampled = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not sampled:
+        raise ValueError("no parameters to sample (pass params= or set requires_grad)")
+    probe_config = BIFConfig(batch_size="full", eval_batch_size=EVAL_BATCH, seed=seed)
+    with ModelState(model, sampled) as state:
+        state.eval_mode()
+        device = sampled[0].device
+        sides = [eval_set(model, d, loss_fn, probe_config, per_token, device, name)
+                 for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
+        curv = _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed)
+        curv["implied_weight_decay"] = _implied_weight_decay(model, sampled, loss_fn, sides[0].batches, per_token)
+        probe = refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units, sides[1].batches,
+                            sides[1].units, sides[1].at_w_star, per_token=per_token, refits=REFITS,
+                            steps=REFIT_STEPS, seed=seed)  # fmt: skip
+    logger.info("bif_fast calibrate: lam_max %.4g, lam_min %.3g, implied weight decay %s, probe %.1f s",
+                curv["lam_max"], curv["lam_min"], curv["implied_weight_decay"]["value"], probe.seconds)
+    search = _Search(model, sampled, train, query, loss_fn, per_token, backend, curv, probe, seed,
+                     n_sequences=sides[0].units.num_sequences)  # fmt: skip
+    best = search.run(budget_seconds - (time.perf_counter() - t0))
+    elapsed = time.perf_counter() - t0
+    return search.final(best, max(SAMPLING_SHARE * (budget_seconds - elapsed), MIN_SAMPLING_FACTOR * elapsed), t0)
+
+
+def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int) -> dict[str, Any]:
+    """Top eigenpairs (Lanczos) and the most negative eigenvalue of the Hessian of the mean training loss."""
+    t0 = time.perf_counter()
+    numel = sum(p.numel() for p in sampled)
+    rank = min(MASS_RANK, numel - 1)
+    fits = (lanczos_iters(rank, numel) + 1) * numel * 4 <= MASS_BYTES and rank >= 1
+    pairs = top_eigenpairs(model, sampled, loss_fn, batches, rank=rank if fits else 1, per_token=per_token,
+                           seed=seed)  # fmt: skip
+    eigvals = pairs["eigvals"]
+    lam_max = float(eigvals[0])
+    lam_min, hvps = _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token, lam_max, seed)
+    return {"lam_max": lam_max, "lam_min": lam_min, "eigvals": [float(x) for x in eigvals],
+            "eigvecs": pairs["eigvecs"] if fits else None, "mass_rank": rank if fits else 0,
+            "hvps": pairs["hvps"] + hvps, "seconds": time.perf_counter() - t0,
+            "rule": "Lanczos on central-difference Hessian-vector products of the full-batch mean loss at w*",
+            }  # fmt: skip
+
+
+def _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token: bool, lam_max: float, seed: int,
+                       iters: int = 20) -> tuple[float, int]:  # fmt: skip
+    """Power iteration on ``lam_max I - H``: the most negative curvature (0 when H is positive semi-definite)."""
+    w0 = [p.detach().clone() for p in sampled]
+    v = torch.randn(sum(p.numel() for p in w0), generator=torch.Generator().manual_seed(seed + 1)).to(w0[0].device)
+    v /= v.norm()
+    shifted = 0.0
+    for _ in range(iters):
+        hv = lam_max * v - hessian_vector_product(model, sampled, w0, v, loss_fn, batches, per_token)
+        shifted = float(v @ hv)
+        v = hv / hv.norm().clamp_min(1e-30)
+    return min(0.0, lam_max - shifted), iters
+
+
+def _implied_weight_decay(model, sampled, loss_fn, batches, per_token: bool) -> dict[str, Any]:
+    """``wd`` with ``grad L(w*) = -wd w*`` when the gradient points along ``-w*``, else 0."""
+    g = full_gradient(model, sampled, loss_fn, batches, per_token)
+    w = torch.cat([p.detach().reshape(-1).float() for p in sampled])
+    cos = float(-(g @ w) / (g.norm() * w.norm()).clamp_min(1e-30))
+    wd = float(-(g @ w) / (w @ w).clamp_min(1e-30))
+    used = cos > 0.9 and wd > 0
+    return {"value": wd if used else 0.0, "cosine": cos, "gradient_norm": float(g.norm()),
+            "rule": "grad L(w*) = -wd w* at a minimum of L + wd/2 |w|^2; used when the cosine exceeds 0.9"}  # fmt: skip
+
+
+class _Search:
+    """Pilot runs of the candidate settings, scored by the probe, and the final config."""
+
+    def __init__(self, model, sampled, train, query, loss_fn, per_token, backend, curv, probe: RefitProbe, seed,
+                 *, n_sequences: int):  # fmt: skip
+        self.model, self.sampled, self.train, self.query = model, sampled, train, query
+        self.loss_fn, self.per_token, self.backend, self.curv, self.probe = loss_fn, per_token, backend, curv, probe
+        self.seed, self.n_sequences = seed, n_sequences
+        self.wd = curv["implied_weight_decay"]["value"]
+        self.candidates: list[dict[str, Any]] = []
+        self.pilot_seconds, self.pilot_steps = 0.0, 0
+        self.final_draws = FINAL_CHAINS * MIN_DRAWS  # updated from the budget before the ranking
+
+    def settings(self, nbeta: float, damping: float,
+                 shrink: float = 1.0) -> tuple[SGLDConfig, LowRankMass | None, dict]:  # fmt: skip
+        """BAOAB settings at (nbeta, damping): step from the preconditioned curvature, critical friction."""
+        curv, a_min = self.curv, nbeta * (self.wd + damping)
+        eig = curv["eigvals"]
+        mass = None
+        if curv["eigvecs"] is not None:
+            shifted = torch.tensor(eig) + self.wd
+            mass = curvature_mass(shifted, curv["eigvecs"], nbeta=nbeta, a_min=nbeta * damping)
+            a_ref = mass.a_ref
+        else:
+            a_ref = nbeta * (eig[0] + self.wd) + nbeta * damping
+        lr = shrink * SAFETY * 2.0 / math.sqrt(a_ref)
+        sgld = SGLDConfig(lr=lr, nbeta=nbeta, localization=nbeta * damping, weight_decay=nbeta * self.wd,
+                          sampler="baoab", friction=2.0 * math.sqrt(a_min),
+                          mass="curvature" if mass is not None else "identity",
+                          mass_rank=max(mass.rank if mass is not None else MASS_RANK, 1))  # fmt: skip
+        why = {"a_ref": a_ref, "a_min": a_min, "condition": a_ref / a_min, "step_shrink": shrink}
+        return sgld, mass, why
+
+    def pilot(self, nbeta: float, damping: float) -> dict[str, Any]:
+        """A short run at (nbeta, damping) in two independent halves, scored by the probe; a diverging pilot
+        is retried at half the step."""
+        for shrink in (1.0, 0.5, 0.25):
+            sgld, mass, why = self.settings(nbeta, damping, shrink)
+            t0 = time.perf_counter()
+            halves = [self._half(sgld, mass, h) for h in range(2)]
+            seconds = time.perf_counter() - t0
+            self.pilot_seconds += seconds
+            self.pilot_steps += 2 * (PILOT_CHAINS // 2) * (PILOT_DRAWS - 1)
+            diverged = any(h is None for h in halves)
+            row = {"nbeta": nbeta, "damping": damping, **why, "seconds": seconds, "diverged": diverged}
+            if not diverged:
+                row["probe_half"] = sum(probe_score(h, self.probe) for h in halves) / 2
+                row["probe_lds"] = probe_score((halves[0] + halves[1]) / 2, self.probe)
+                self.candidates.append(row)
+                return row
+            logger.warning("bif_fast calibrate: the pilot at nbeta %.3g, damping %.3g diverged at step %.3g; "
+                           "halving the step", nbeta, damping, sgld.lr)  # fmt: skip
+            self.candidates.append({**row, "probe_lds": None})
+        return {**row, "probe_lds": None}
+
+    def _half(self, sgld: SGLDConfig, mass: LowRankMass | None, half: int) -> torch.Tensor | None:
+        """One half of a pilot: its BIF, or None when a chain diverged."""
+        cfg = BIFConfig(sgld=sgld, num_chains=PILOT_CHAINS // 2, num_draws=PILOT_DRAWS, batch_size="full",
+                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed + 1 + half)  # fmt: skip
+        try:
+            out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
+                          per_token=self.per_token, sgld_source=self.train, backend=self.backend,
+                          mass=mass)  # fmt: skip
+        except BIFError:
+            return None
+        return None if any(out.diagnostics["diverged"]) else out.bif
+
+    def run(self, seconds_left: float) -> dict[str, Any]:
+        lam_max, lam_min = self.curv["lam_max"], self.curv["lam_min"]
+        floor = 2.0 * max(0.0, -lam_min - self.wd)
+        nbeta = NBETA_PER_SEQUENCE * self.n_sequences
+        rows = [self.pilot(nbeta, max(f * lam_max, floor)) for f in DAMPINGS[:1]]
+        # The pilots' own speed sets the final run's length, and so the draws the ranking is carried to.
+        pilots_left = len(DAMPINGS)  # the other dampings and the small nbeta
+        per_pilot = self.pilot_seconds
+        per_step = self.pilot_seconds / max(self.pilot_steps, 1)
+        left = seconds_left - pilots_left * per_pilot
+        least = MIN_SAMPLING_FACTOR * (len(DAMPINGS) + 1) * per_pilot
+        self.final_draws = self.draws_for(max(SAMPLING_SHARE * left, least), per_step) * FINAL_CHAINS
+        rows += [self.pilot(nbeta, max(f * lam_max, floor)) for f in DAMPINGS[1:]]
+        scored = [r for r in rows if r["probe_lds"] is not None]
+        if not scored:
+            raise BIFError("every calibration pilot diverged, even at a quarter of the stability step", {
+                "calibration": {"candidates": self.candidates}})  # fmt: skip
+        best = max(scored, key=self.predicted)
+        small = self.pilot(nbeta * SMALL_NBETA_FACTOR, best["damping"])
+        if small["probe_lds"] is not None and self.predicted(small) > self.predicted(best):
+            best = small
+        return best
+
+    def predicted(self, row: dict[str, Any]) -> float:
+        """The probe score a candidate would reach with the final run's draws. Monte-Carlo noise of variance
+        c / N attenuates a correlation by ``1 / sqrt(1 + c / N)``; the pilot's two halves (N / 2 draws each)
+        and their pool (N) give c, and the score is carried to N_final = ``final_draws``."""
+        full, half = row["probe_lds"], row["probe_half"]
+        if "predicted" in row:
+            return row["predicted"]
+        gain = self.final_draws / (PILOT_CHAINS * PILOT_DRAWS)
+        value = full
+        if full > 0 and half > 0 and half < full:
+            r = (full / half) ** 2
+            c_over_n = min((r - 1) / (2 - r), MAX_NOISE_RATIO) if r < 2 else MAX_NOISE_RATIO
+            value = full * math.sqrt(1 + c_over_n) / math.sqrt(1 + c_over_n / gain)
+        row["predicted"] = value
+        return value
+
+    @staticmethod
+    def draws_for(seconds: float, per_step: float) -> int:
+        return int(min(MAX_DRAWS, max(MIN_DRAWS, seconds / max(per_step, 1e-9) / FINAL_CHAINS)))
+
+    def final(self, best: dict[str, Any], seconds_left: float, t0: float) -> Calibrated:
+        sgld, mass, why = self.settings(best["nbeta"], best["damping"], best["step_shrink"])
+        per_step = self.pilot_seconds / max(self.pilot_steps, 1)
+        draws = self.draws_for(seconds_left, per_step)
+        curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
+        calibration = {
+            "curvature": curv,
+            "nbeta": {"value": sgld.nbeta, "rule": f"{NBETA_PER_SEQUENCE:g} x training sequences (Gaussian regime), "
+                      f"or {SMALL_NBETA_FACTOR:g} x that where the probe prefers it"},
+            "damping": {"value": best["damping"], "rule": "the probe's best of "
+                        f"{[f'{f:g} x lam_max' for f in DAMPINGS]}"},
+            "sampler": {"lr": sgld.lr, "friction": sgld.friction, **why, "mass_rank": mass.rank if mass else 0,
+                        "rule": f"BAOAB, curvature mass, lr = {SAFETY:g} x 2/sqrt(a_ref), friction 2 sqrt(a_min)"},
+            "candidates": self.candidates,
+            "probe": {"refits": REFITS, "steps": REFIT_STEPS, "seconds": self.probe.seconds,
+                      "gradient_evaluations": self.probe.gradient_evaluations},
+            "length": {"chains": FINAL_CHAINS, "draws": draws, "seconds_per_chain_step": per_step,
+                       "seconds_left": seconds_left, "rule": "as many draws as the time budget leaves"},
+            "pilot_seconds": self.pilot_seconds,
+            "seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        logger.info("bif_fast calibrate: nbeta %.3g, damping %.3g, lr %.3g, %d x %d draws (%.1f s)", sgld.nbeta,
+                    best["damping"], sgld.lr, FINAL_CHAINS, draws, calibration["seconds"])  # fmt: skip
+        config = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
+                           eval_batch_size=EVAL_BATCH, seed=self.seed, calibration=calibration)  # fmt: skip
+        return Calibrated(config, mass)

@@ -1,0 +1,120 @@
+"""The re-fit probe of the calibration: a few cheap, warm-started re-trainings that score candidate settings
+the way the linear datamodelling score (LDS) does, so the defaults are chosen by how well they predict
+retraining on this model rather than assumed.
+
+Each re-fit starts at w* and takes ``steps`` full-batch Adam steps on the mean loss of a random half of the
+training sequences (the objective's own regulariser is unknown here and left out: the changes it would add
+are nearly the same for every subset, so they cancel in a rank correlation across subsets). The probe
+records which sequences each re-fit kept and how every query unit's loss moved. A candidate's BIF
+``B [n, p]`` predicts, for re-fit k and query unit j, ``sum over kept units i of B[i, j]`` (the sign of
+``compute_bif``: a proponent has negative BIF and lowers the query loss when kept); its probe score is the
+mean over query units of the Spearman correlation, across re-fits, between prediction and the observed
+change, as the LDS is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bif_fast.engine.data import batch_len
+from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask
+
+__all__ = ["RefitProbe", "probe_score", "refit_probe"]
+
+
+@dataclass
+class RefitProbe:
+    """Re-fits on random halves: ``kept`` ``[K, n_train_units]`` (1 where the unit's sequence was trained
+    on), ``delta`` ``[K, n_query_units]`` (query loss after the re-fit minus at w*), their cost."""
+
+    kept: torch.Tensor
+    delta: torch.Tensor
+    seconds: float
+    gradient_evaluations: int
+
+
+def _sequence_of_units(units: Units, n_sequences: int, device: torch.device) -> torch.Tensor:
+    """``[n_units]`` the training sequence of each unit (per sample: the unit itself)."""
+    if units.index is None:
+        return torch.arange(n_sequences, device=device)
+    return units.index[:, 0].to(device)
+
+
+def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: LossFn, train_batches: list,
+                train_units: Units, query_batches: list, query_units: Units, query_at_w_star: torch.Tensor, *,
+                per_token: bool, refits: int, steps: int, seed: int) -> RefitProbe:  # fmt: skip
+    """``refits`` warm-started re-fits on random halves (see the module docstring). The weights are left
+    exactly as they were."""
+    t0 = time.perf_counter()
+    device = params[0].device
+    sizes = [int(batch_len(b) or 0) for b in train_batches]
+    n_seq = sum(sizes)
+    gen = torch.Generator().manual_seed(seed + 0x5EED)
+    halves = torch.rand(refits, n_seq, generator=gen) < 0.5
+    w0 = [p.detach().clone() for p in params]
+    scale = max(float(torch.cat([w.reshape(-1).float() for w in w0]).square().mean().sqrt()), 1e-3)
+    deltas = []
+    try:
+        for k in range(refits):
+            weights = _subset_weights(model, loss_fn, train_batches, sizes, halves[k].to(device), per_token)
+            opt = torch.optim.Adam(params, lr=1e-2 * scale)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                _subset_loss(model, loss_fn, train_batches, weights, per_token).backward()
+                opt.step()
+            outs, _ = evaluate(model, query_batches, loss_fn, per_token, "query")
+            deltas.append(query_units.gather(outs) - query_at_w_star)
+            with torch.no_grad():
+                for p, w in zip(params, w0, strict=True):
+                    p.copy_(w)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, w0, strict=True):
+                p.copy_(w)
+    seq = _sequence_of_units(train_units, n_seq, device)
+    kept = halves.to(device)[:, seq].float()
+    return RefitProbe(kept, torch.stack(deltas), time.perf_counter() - t0, refits * steps * n_seq)
+
+
+def _subset_weights(model, loss_fn: LossFn, batches: list, sizes: list[int], keep: torch.Tensor,
+                    per_token: bool) -> list[torch.Tensor]:  # fmt: skip
+    """Per batch, the weight of each loss in the mean over the kept sequences (per token: over their counted
+    positions), so that the weighted sum of the losses is that mean."""
+    weights, start = [], 0
+    with torch.no_grad():
+        for batch, size in zip(batches, sizes, strict=True):
+            out, mask = loss_and_mask(loss_fn, model, batch, per_token)
+            rows = keep[start : start + size].to(out.dtype)
+            start += size
+            if out.dim() == 2:
+                rows = rows[:, None] * (torch.ones_like(out) if mask is None else mask.to(out.dtype))
+            weights.append(rows)
+        count = float(sum(w.sum() for w in weights))
+    return [w / max(count, 1.0) for w in weights]
+
+
+def _subset_loss(model, loss_fn: LossFn, batches: list, weights: list[torch.Tensor], per_token: bool) -> torch.Tensor:
+    total = 0.0
+    for batch, weight in zip(batches, weights, strict=True):
+        out, _ = loss_and_mask(loss_fn, model, batch, per_token)
+        total = total + (out * weight).sum()
+    return total
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along dim 0 (ties broken by order; the observed changes are continuous)."""
+    return x.argsort(0).argsort(0).to(torch.float64)
+
+
+def probe_score(bif: torch.Tensor, probe: RefitProbe) -> float:
+    """Mean over query units of the Spearman correlation across re-fits between the BIF's prediction
+    and the observed change of the query loss."""
+    pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)  # [K, p]
+    a, b = _ranks(pred), _ranks(probe.delta.to(torch.float64))
+    a, b = a - a.mean(0), b - b.mean(0)
+    corr = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
+    return float(corr.mean())

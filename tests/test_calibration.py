@@ -1,0 +1,141 @@
+"""``bif_fast.calibrate`` and ``compute_bif(config=None)`` on the Gaussian oracle (ridge regression, whose
+localised posterior and BIF have closed forms), the re-fit probe's score, and the back-off of a diverging
+pilot."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import bif_fast.calibration as calibration
+from bif_fast import calibrate, compute_bif
+from bif_fast.engine.probe import RefitProbe, probe_score
+
+WD = 0.05
+
+
+def _ridge(seed: int = 0, n: int = 80, d: int = 6):
+    """w* minimises mean 1/2 (x w - y)^2 + WD/2 |w|^2; the loss_fn is the data term only."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + 30, d, generator=g, dtype=torch.float64) * torch.tensor([4.0, 2.0, 1.0, 0.7, 0.5, 0.3],
+                                                                                   dtype=torch.float64)[:d]  # fmt: skip
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n + 30, generator=g,
+                                                                                  dtype=torch.float64)  # fmt: skip
+    h = x[:n].T @ x[:n] / n
+    w_star = torch.linalg.solve(h + WD * torch.eye(d, dtype=torch.float64), x[:n].T @ y[:n] / n)
+    model = torch.nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star.float()[None])
+    train = TensorDataset(x[:n].float(), y[:n].float())
+    query = TensorDataset(x[n:].float(), y[n:].float())
+    return model, train, query, x, y, w_star, h
+
+
+def _sq(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(1) - y).square()
+
+
+@pytest.fixture
+def short_runs(monkeypatch):
+    """Calibrated runs of a few hundred draws, so the tests take seconds (the rules are unchanged)."""
+    monkeypatch.setattr(calibration, "MAX_DRAWS", 400)
+    monkeypatch.setattr(calibration, "REFITS", 8)
+    monkeypatch.setattr(calibration, "REFIT_STEPS", 40)
+
+
+def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_the_oracle(short_runs):
+    model, train, query, x, y, w_star, h = _ridge()
+    w_before = model.weight.detach().clone()
+    cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
+    cal = cfg.calibration
+    evals = torch.linalg.eigvalsh(h).flip(0)
+    assert cal["curvature"]["lam_max"] == pytest.approx(float(evals[0]), rel=2e-3)
+    assert cal["curvature"]["implied_weight_decay"]["value"] == pytest.approx(WD, rel=1e-3)
+    sgld = cfg.sgld
+    assert sgld.sampler == "baoab" and sgld.mass == "curvature" and cfg.batch_size == "full"
+    assert sgld.weight_decay == pytest.approx(sgld.nbeta * WD, rel=1e-3)
+    damping = cal["damping"]["value"]
+    assert sgld.localization == pytest.approx(damping * sgld.nbeta)
+    assert any(damping == pytest.approx(f * float(evals[0]), rel=1e-3) for f in calibration.DAMPINGS)
+    # The stable step: 0.8 x 2 / sqrt(a_ref), a_ref the (k+1)-th curvature of the potential (k = d - 1 here).
+    rank = sgld.mass_rank
+    shrink = cal["sampler"]["step_shrink"]
+    a_ref = sgld.nbeta * (float(evals[rank]) + WD) + sgld.localization
+    assert sgld.lr * math.sqrt(a_ref) / 2 == pytest.approx(0.8 * shrink, rel=5e-3)
+    assert sgld.friction == pytest.approx(2 * math.sqrt(sgld.nbeta * (WD + damping)), rel=1e-3)
+    assert calibration.MIN_DRAWS <= cfg.num_draws <= 400 and cfg.num_chains == calibration.FINAL_CHAINS
+    assert {"candidates", "probe", "length", "nbeta", "seconds"} <= set(cal)
+    assert all("probe_lds" in c for c in cal["candidates"]) and len(cal["candidates"]) >= len(calibration.DAMPINGS)
+    assert torch.equal(model.weight.detach(), w_before)
+
+
+def test_the_calibrated_bif_matches_the_closed_form_of_its_posterior(short_runs):
+    """For ridge regression the calibrated potential nbeta L + nbeta WD/2 |w|^2 + loc/2 |w - w*|^2 is Gaussian
+    around w* with covariance (nbeta (H + WD) + loc)^-1: the BIF of the calibrated config has a closed form."""
+    model, train, query, x, y, w_star, h = _ridge()
+    cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
+    cfg = dataclasses.replace(cfg, num_draws=1500)
+    res = compute_bif(model, train, query, loss_fn=_sq, config=cfg)
+    s = cfg.sgld
+    d = h.shape[0]
+    sigma = torch.linalg.inv(s.nbeta * h + (s.weight_decay + s.localization) * torch.eye(d, dtype=torch.float64))
+    r = x @ w_star.double() - y
+    n = len(train)
+    cross = x[:n] @ sigma @ x[n:].T
+    exact = -(r[:n, None] * r[None, n:] * cross + 0.5 * cross.square())
+    err = float((res.bif.double() - exact).norm() / exact.norm())
+    assert err < 0.1, err
+
+
+def test_compute_bif_without_config_uses_the_calibration_and_records_it(short_runs):
+    model, train, query, *_ = _ridge()
+    res = compute_bif(model, train, query, loss_fn=_sq)
+    cal = res.diagnostics["calibration"]
+    assert res.config.calibration is cal and res.config.sgld.mass == "curvature"
+    assert res.diagnostics["forward_reuse"] and not any(res.diagnostics["diverged"])
+    # The same settings given explicitly give the same BIF (the mass is rebuilt identically from the config).
+    again = compute_bif(model, train, query, loss_fn=_sq, config=res.config)
+    assert torch.allclose(again.bif, res.bif, rtol=1e-5, atol=1e-7 * float(res.bif.abs().max()))
+    with pytest.raises(ValueError, match="sgld_data"):
+        compute_bif(model, train, query, loss_fn=_sq, sgld_data=train)
+
+
+def test_a_diverging_pilot_is_retried_at_half_the_step_and_said(short_runs, monkeypatch, caplog):
+    monkeypatch.setattr(calibration, "SAFETY", 1.9)  # above BAOAB's stability limit of 2 / sqrt(a_ref)
+    model, train, query, *_ = _ridge()
+    with caplog.at_level(logging.WARNING, logger="bif_fast"):
+        cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
+    rows = cfg.calibration["candidates"]
+    assert any(r["diverged"] and r["step_shrink"] == 1.0 for r in rows)
+    assert cfg.calibration["sampler"]["step_shrink"] == 0.5
+    assert "halving the step" in caplog.text
+
+
+def test_probe_score_is_the_mean_spearman_of_predicted_and_observed_changes():
+    g = torch.Generator().manual_seed(0)
+    kept = torch.rand(10, 7, generator=g)  # (continuous: no tied predictions)
+    bif = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    pred = kept.double() @ bif
+    # Observed changes that are a monotone function of the prediction: a perfect rank correlation.
+    probe = RefitProbe(kept, pred.pow(3) + 2.0, 0.0, 0)
+    assert probe_score(bif, probe) == pytest.approx(1.0)
+    assert probe_score(-bif, probe) == pytest.approx(-1.0)  # the sign convention of compute_bif matters
+    # Against a worked example: query 0 reversed, query 1 exact, query 2 one swap of five.
+    kept = torch.eye(5)
+    bif = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 5], [5, 5, 4]], dtype=torch.float64)
+    delta = torch.tensor([[5.0, 1, 1], [4, 2, 2], [3, 3, 3], [2, 4, 4], [1, 5, 5]])
+    assert probe_score(bif, RefitProbe(kept, delta, 0.0, 0)) == pytest.approx((-1 + 1 + 0.9) / 3)
+
+
+def test_calibrate_rejects_bad_arguments():
+    model, train, query, *_ = _ridge()
+    with pytest.raises(ValueError, match="budget_seconds"):
+        calibrate(model, train, query, loss_fn=_sq, budget_seconds=0)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, TensorDataset(torch.zeros(0, 6), torch.zeros(0)), query, loss_fn=_sq)
