@@ -58,13 +58,14 @@ NBETA_PER_SEQUENCE = 1000.0
 SMALL_NBETA_FACTOR = 0.01
 MASS_RANK = 32
 MASS_BYTES = 1 << 30  # Lanczos basis budget; above it the sampler runs with unit mass
-PILOT_CHAINS, PILOT_DRAWS = 4, 100
+PILOT_CHAINS, PILOT_DRAWS, MIN_PILOT_DRAWS = 4, 100, 20
 FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
-REFITS, REFIT_STEPS = 12, 100
+REFITS, REFIT_STEPS, MIN_REFIT_STEPS = 12, 100, 20
+PROBE_SHARE, PILOT_SHARE = 0.15, 0.3  # of the budget: the re-fits and the pilots scale down to fit them
 SAFETY = 0.8
 EVAL_BATCH = 1024  # sequences per evaluation batch (and per slice of the full-batch gradient)
 SAMPLING_SHARE = 0.85  # of the time left after calibration: the final run's own set-up and slower steps
-MIN_SAMPLING_FACTOR = 1.5  # the final run gets at least this many times the calibration's own time
+MIN_SAMPLING_FACTOR = 1.0  # the final run gets at least the calibration's own time
 MAX_NOISE_RATIO = 3.0  # cap of the pilots' estimated noise-to-signal ratio c / N (the extrapolation's reach)
 
 
@@ -120,13 +121,18 @@ def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *
                  for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
         curv = _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed)
         curv["implied_weight_decay"] = _implied_weight_decay(model, sampled, loss_fn, sides[0].batches, per_token)
+        # One full-batch gradient costs about this much (the curvature took two per Hessian-vector product).
+        per_gradient = curv["seconds"] / max(2 * curv["hvps"], 1)
+        steps = int(min(REFIT_STEPS, max(MIN_REFIT_STEPS, PROBE_SHARE * budget_seconds / per_gradient / REFITS)))
         probe = refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units, sides[1].batches,
                             sides[1].units, sides[1].at_w_star, per_token=per_token, refits=REFITS,
-                            steps=REFIT_STEPS, seed=seed)  # fmt: skip
+                            steps=steps, seed=seed)  # fmt: skip
+        pilot_steps = PILOT_SHARE * budget_seconds / (1.5 * per_gradient) / (len(DAMPINGS) + 1)
+        pilot_draws = int(min(PILOT_DRAWS, max(MIN_PILOT_DRAWS, pilot_steps / PILOT_CHAINS)))
     logger.info("bif_fast calibrate: lam_max %.4g, lam_min %.3g, implied weight decay %s, probe %.1f s",
                 curv["lam_max"], curv["lam_min"], curv["implied_weight_decay"]["value"], probe.seconds)
     search = _Search(model, sampled, train, query, loss_fn, per_token, backend, curv, probe, seed,
-                     n_sequences=sides[0].units.num_sequences)  # fmt: skip
+                     n_sequences=sides[0].units.num_sequences, pilot_draws=pilot_draws)  # fmt: skip
     best = search.run(budget_seconds - (time.perf_counter() - t0))
     elapsed = time.perf_counter() - t0
     return search.final(best, max(SAMPLING_SHARE * (budget_seconds - elapsed), MIN_SAMPLING_FACTOR * elapsed), t0)
@@ -179,10 +185,10 @@ class _Search:
     """Pilot runs of the candidate settings, scored by the probe, and the final config."""
 
     def __init__(self, model, sampled, train, query, loss_fn, per_token, backend, curv, probe: RefitProbe, seed,
-                 *, n_sequences: int):  # fmt: skip
+                 *, n_sequences: int, pilot_draws: int):  # fmt: skip
         self.model, self.sampled, self.train, self.query = model, sampled, train, query
         self.loss_fn, self.per_token, self.backend, self.curv, self.probe = loss_fn, per_token, backend, curv, probe
-        self.seed, self.n_sequences = seed, n_sequences
+        self.seed, self.n_sequences, self.pilot_draws = seed, n_sequences, pilot_draws
         self.wd = curv["implied_weight_decay"]["value"]
         self.candidates: list[dict[str, Any]] = []
         self.pilot_seconds, self.pilot_steps = 0.0, 0
@@ -217,7 +223,7 @@ class _Search:
             halves = [self._half(sgld, mass, h) for h in range(2)]
             seconds = time.perf_counter() - t0
             self.pilot_seconds += seconds
-            self.pilot_steps += 2 * (PILOT_CHAINS // 2) * (PILOT_DRAWS - 1)
+            self.pilot_steps += 2 * (PILOT_CHAINS // 2) * (self.pilot_draws - 1)
             diverged = any(h is None for h in halves)
             row = {"nbeta": nbeta, "damping": damping, **why, "seconds": seconds, "diverged": diverged}
             if not diverged:
@@ -232,7 +238,7 @@ class _Search:
 
     def _half(self, sgld: SGLDConfig, mass: LowRankMass | None, half: int) -> torch.Tensor | None:
         """One half of a pilot: its BIF, or None when a chain diverged."""
-        cfg = BIFConfig(sgld=sgld, num_chains=PILOT_CHAINS // 2, num_draws=PILOT_DRAWS, batch_size="full",
+        cfg = BIFConfig(sgld=sgld, num_chains=PILOT_CHAINS // 2, num_draws=self.pilot_draws, batch_size="full",
                         eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed + 1 + half)  # fmt: skip
         try:
             out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
@@ -272,7 +278,7 @@ class _Search:
         full, half = row["probe_lds"], row["probe_half"]
         if "predicted" in row:
             return row["predicted"]
-        gain = self.final_draws / (PILOT_CHAINS * PILOT_DRAWS)
+        gain = self.final_draws / (PILOT_CHAINS * self.pilot_draws)
         value = full
         if full > 0 and half > 0 and half < full:
             r = (full / half) ** 2
@@ -299,7 +305,8 @@ class _Search:
             "sampler": {"lr": sgld.lr, "friction": sgld.friction, **why, "mass_rank": mass.rank if mass else 0,
                         "rule": f"BAOAB, curvature mass, lr = {SAFETY:g} x 2/sqrt(a_ref), friction 2 sqrt(a_min)"},
             "candidates": self.candidates,
-            "probe": {"refits": REFITS, "steps": REFIT_STEPS, "seconds": self.probe.seconds,
+            "probe": {"refits": REFITS, "steps": self.probe.gradient_evaluations // max(REFITS * self.n_sequences, 1),
+                      "pilot_draws": self.pilot_draws, "seconds": self.probe.seconds,
                       "gradient_evaluations": self.probe.gradient_evaluations},
             "length": {"chains": FINAL_CHAINS, "draws": draws, "seconds_per_chain_step": per_step,
                        "seconds_left": seconds_left, "rule": "as many draws as the time budget leaves"},

@@ -124,12 +124,18 @@ def plot(name: str, results, path: Path) -> Path | None:
     return path
 
 
+def _key(line: str) -> tuple[str, str]:
+    cells = line.split("|")
+    return cells[1].strip(), cells[2].strip()
+
+
 def _merge(text: str, ran: set[str]) -> str:
-    """This run's table rows plus the recorded rows (results.md) of the settings it did not run."""
+    """This run's table rows plus the recorded rows (results.md) of the (setting, method) pairs it did not run."""
     path = HERE / "results.md"
     old = path.read_text().splitlines()[2:] if path.exists() else []
     lines = text.splitlines()
-    kept = [ln for ln in old if ln.startswith("| ") and ln.split("|")[1].strip() not in ran]
+    fresh = {_key(ln) for ln in lines[2:]}
+    kept = [ln for ln in old if ln.startswith("| ") and _key(ln) not in fresh]
     rows = lines[2:] + kept
     order = {name: i for i, name in enumerate(SETTINGS)}
     rows.sort(key=lambda ln: order.get(ln.split("|")[1].strip(), len(order)))  # stable: method order kept
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     all_results = {}
     for name in args.settings.split(","):
         all_results[name] = run_setting(name, args.methods.split(","), args.rebuild)
-        plot(name, all_results[name], HERE / f"lds_{name}.png")
+        if len(args.methods.split(",")) >= 3:  # a partial run keeps the recorded plot of the full one
+            plot(name, all_results[name], HERE / f"lds_{name}.png")
     text = table(all_results)
     print(text)
     if not args.no_record:
