@@ -143,7 +143,9 @@ def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int) -> 
     t0 = time.perf_counter()
     numel = sum(p.numel() for p in sampled)
     rank = min(MASS_RANK, numel - 1)
-    fits = (lanczos_iters(rank, numel) + 1) * numel * 4 <= MASS_BYTES and rank >= 1
+    # The mass needs fp32 weights (the fused step takes the preconditioned force in the weights' dtype).
+    fp32 = all(p.dtype == torch.float32 for p in sampled)
+    fits = (lanczos_iters(rank, numel) + 1) * numel * 4 <= MASS_BYTES and rank >= 1 and fp32
     pairs = top_eigenpairs(model, sampled, loss_fn, batches, rank=rank if fits else 1, per_token=per_token,
                            seed=seed)  # fmt: skip
     eigvals = pairs["eigvals"]

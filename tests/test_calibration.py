@@ -139,3 +139,14 @@ def test_calibrate_rejects_bad_arguments():
         calibrate(model, train, query, loss_fn=_sq, budget_seconds=0)
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, TensorDataset(torch.zeros(0, 6), torch.zeros(0)), query, loss_fn=_sq)
+
+
+def test_calibrate_falls_back_to_unit_mass_for_low_precision_weights(short_runs):
+    model, train, query, *_ = _ridge()
+    model = model.to(torch.bfloat16)
+    bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    train = TensorDataset(*map(bf16, train.tensors))
+    query = TensorDataset(*map(bf16, query.tensors))
+    cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=3.0)
+    assert cfg.sgld.mass == "identity" and cfg.calibration["curvature"]["mass_rank"] == 0
+    assert cfg.sgld.sampler == "baoab" and cfg.sgld.lr > 0
