@@ -58,23 +58,20 @@ def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn:
     w0 = [p.detach().clone() for p in params]
     scale = max(float(torch.cat([w.reshape(-1).float() for w in w0]).square().mean().sqrt()), 1e-3)
     deltas = []
-    try:
-        for k in range(refits):
-            weights = _subset_weights(model, loss_fn, train_batches, sizes, halves[k].to(device), per_token)
-            opt = torch.optim.Adam(params, lr=1e-2 * scale)
+    for k in range(refits):
+        weights = _subset_weights(model, loss_fn, train_batches, sizes, halves[k].to(device), per_token)
+        opt = torch.optim.Adam(params, lr=1e-2 * scale)
+        try:
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 _subset_loss(model, loss_fn, train_batches, weights, per_token).backward()
                 opt.step()
             outs, _ = evaluate(model, query_batches, loss_fn, per_token, "query")
             deltas.append(query_units.gather(outs) - query_at_w_star)
+        finally:  # every re-fit starts at w*, and the model ends there even when one raises
             with torch.no_grad():
                 for p, w in zip(params, w0, strict=True):
                     p.copy_(w)
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, w0, strict=True):
-                p.copy_(w)
     seq = _sequence_of_units(train_units, n_seq, device)
     kept = halves.to(device)[:, seq].float()
     return RefitProbe(kept, torch.stack(deltas), time.perf_counter() - t0, refits * steps * n_seq)
