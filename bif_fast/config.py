@@ -138,6 +138,15 @@ class BIFConfig:
             "not evaluated again). 'full' samples from train itself (sgld_data must be None)"
         ),
     )
+    control_variate: bool = field(
+        default=False,
+        metadata=_help(
+            "minibatch gradients with a control variate at w*, g_b(w) - g_b(w*) + g(w*) (Baker et al. 2019): unbiased, "
+            "with a noise that vanishes at w* (plain minibatch noise grows like nbeta / batch_size against the injected "
+            "noise); costs one full-batch gradient at the start and a second minibatch gradient (at w*) per step. "
+            "Needs an int batch_size and minibatches drawn from train (sgld_data None)"
+        ),
+    )
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))
     eval_max_tokens: int | Literal["auto"] | None = field(
         default="auto",
@@ -194,6 +203,10 @@ class BIFConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"BIFConfig.{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.control_variate, bool):
+            raise ValueError(f"BIFConfig.control_variate must be a bool, got {self.control_variate!r}")
+        if self.control_variate and self.batch_size == "full":
+            raise ValueError("BIFConfig.control_variate corrects minibatch gradients; batch_size='full' has none")
         if self.num_chains * self.num_draws < 2:
             raise ValueError("BIFConfig needs at least 2 draws in total (num_chains * num_draws)")
         if self.chain_batch != "auto" and (

@@ -28,27 +28,10 @@ from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.data import leading_dims
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
-from bif_fast.engine.units import full_batch_term, loss_and_mask, minibatch_loss
+from bif_fast.engine.units import LossModule, full_batch_term
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["ChainBatch"]
-
-
-class _LossModule(torch.nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters.
-    ``forward`` gives the losses; ``minibatch`` the SGLD loss of one chain's minibatch."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn, per_token: bool):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.per_token = per_token
-
-    def forward(self, batch: Any, minibatch: bool = False, with_mask: bool = False) -> Any:
-        out, mask = loss_and_mask(self.loss_fn, self.model, batch, self.per_token and (minibatch or with_mask))
-        if with_mask:
-            return out, mask
-        return minibatch_loss(out, mask, self.per_token) if minibatch else out
 
 
 class ChainBatch:
@@ -89,7 +72,7 @@ class ChainBatch:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.config, self.seed, self.size, self.backend, self.per_token = config, seed, size, backend, per_token
-        self.wrapper = _LossModule(model, loss_fn, per_token)
+        self.wrapper = LossModule(model, loss_fn, per_token)
         self._eval_fn = torch.func.vmap(self._call, in_dims=(0, None))  # stacked weights, shared batch
         with torch.no_grad():
             self.anchor = torch.cat([p.detach().reshape(-1) for p in params])  # [N] w*, canonical order

@@ -29,15 +29,15 @@ __all__ = ["KineticSettings", "curvature_mass_at_w_star", "full_gradient", "hess
            "lanczos_iters", "top_curvature", "top_eigenpairs"]
 
 
-def full_gradient(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list,
-                  per_token: bool) -> torch.Tensor:  # fmt: skip
-    """Flat gradient of the mean loss over ``batches`` (weighted by their sizes), float32."""
+def full_gradient(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, per_token: bool, *,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """Flat gradient of the mean loss over ``batches`` (weighted by their sizes), in ``dtype``."""
     total, weight = None, 0
     for batch in batches:
         out, mask = loss_and_mask(loss_fn, model, batch, per_token)
         size = int(mask.sum()) if mask is not None else out.numel()
         grads = torch.autograd.grad(minibatch_loss(out, mask, per_token), list(params), allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for p, g in
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype) for p, g in
                           zip(params, grads, strict=True)])  # fmt: skip
         total = flat * size if total is None else total.add_(flat, alpha=size)
         weight += size

@@ -19,6 +19,7 @@ import torch
 
 from bif_fast.config import BIFConfig
 from bif_fast.engine.batched import ChainBatch
+from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import sgld_batches, stack_batches
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.units import LossFn, Units, evaluate, full_batch_term, loss_and_mask, minibatch_loss
@@ -60,9 +61,11 @@ class _Run:
     """What both implementations share: the model's state, the loss, and the minibatch source."""
 
     def __init__(self, model, state: ModelState, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
-                 device: torch.device, per_token: bool, full: FullBatch | None):  # fmt: skip
+                 device: torch.device, per_token: bool, full: FullBatch | None,
+                 control: ControlVariate | None = None):  # fmt: skip
         self.model, self.state, self.loss_fn, self.sgld_source = model, state, loss_fn, sgld_source
         self.config, self.device, self.per_token, self.full = config, device, per_token, full
+        self.control = control
 
     def minibatches(self, chain: int):
         if self.full is not None:
@@ -105,6 +108,8 @@ class SequentialChains:
             batch = next(self._batches)
             self.opt.zero_grad()
             minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
+            if run.control is not None:
+                run.control.apply_(self.opt.params, batch)
             self.opt.raw_step()
 
     def step_with_losses(self) -> list[torch.Tensor]:
@@ -152,7 +157,11 @@ class BatchedChains:
             if self.run.full is not None:
                 self.step_with_losses()
                 continue
-            self.batch.step(stack_batches([next(it) for it in self._batches]))
+            batch = stack_batches([next(it) for it in self._batches])
+            grad = self.batch.gradient(batch)
+            if self.run.control is not None:
+                grad.add_(self.run.control.batched_correction(batch).to(grad.dtype))
+            self.batch.update()
 
     def step_with_losses(self) -> list[torch.Tensor]:
         self.run.state.own_mode()
@@ -199,11 +208,11 @@ def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int
 
 def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
                 per_token: bool, size: int, checks: list[tuple[list, Units, torch.Tensor]],
-                full: FullBatch | None = None) -> Chains:  # fmt: skip
+                full: FullBatch | None = None, control: ControlVariate | None = None) -> Chains:  # fmt: skip
     """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
     (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``. ``full``:
-    full-batch steps over these batches."""
-    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full)
+    full-batch steps over these batches; ``control``: minibatch gradients with that control variate."""
+    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full, control)
     if size > 1:
         batch, why_not = _try_chain_batch(run, opt, size, checks)
         if batch is not None:

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
-from bif_fast.engine.calibrate import curvature_mass_at_w_star
+from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
+from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
 from bif_fast.engine.data import eval_batches, first_item, token_capped_batch_size
 from bif_fast.engine.mass import LowRankMass
@@ -79,7 +80,9 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
         size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
         checks = [(s.batches, s.units, s.at_w_star) for s in sides]
-        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full)
+        control = _control_variate(model, state, sampled, loss_fn, sides[0].batches, per_token) \
+            if config.control_variate else None
+        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
         pool = Pool(n, p, device, cov_dtype, config)
         reuse = full is not None and state.modes_agree
         traces = _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse)
@@ -89,6 +92,17 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
             raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)
         bif, bif_normalized, stderr = pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
     return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
+
+
+def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches: list, per_token: bool):
+    """The control variate at w*: its full-batch gradient in the model's own mode (the mode of the steps)."""
+    state.own_mode()
+    dtype = torch.float64 if sampled[0].dtype == torch.float64 else torch.float32
+    try:
+        grad = full_gradient(model, sampled, loss_fn, batches, per_token, dtype=dtype)
+        return ControlVariate(model, sampled, loss_fn, per_token, grad)
+    finally:
+        state.eval_mode()
 
 
 def eval_set(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,

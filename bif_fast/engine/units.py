@@ -20,7 +20,7 @@ import torch
 
 from bif_fast.engine.data import batch_len
 
-__all__ = ["Units", "check_loss", "evaluate", "full_batch_term", "loss_and_mask", "minibatch_loss"]
+__all__ = ["LossModule", "Units", "check_loss", "evaluate", "full_batch_term", "loss_and_mask", "minibatch_loss"]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -136,3 +136,20 @@ class Units:
     def index(self) -> torch.Tensor | None:
         """`[n, 2]` (sequence, position) of each unit, per token; None per sample."""
         return torch.cat(self.index_rows) if self.per_token else None
+
+
+class LossModule(torch.nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters.
+    ``forward`` gives the losses; ``minibatch`` the SGLD loss of one chain's minibatch."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn, per_token: bool):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.per_token = per_token
+
+    def forward(self, batch: Any, minibatch: bool = False, with_mask: bool = False) -> Any:
+        out, mask = loss_and_mask(self.loss_fn, self.model, batch, self.per_token and (minibatch or with_mask))
+        if with_mask:
+            return out, mask
+        return minibatch_loss(out, mask, self.per_token) if minibatch else out
