@@ -142,9 +142,9 @@ class BIFConfig:
         default=False,
         metadata=_help(
             "minibatch gradients with a control variate at w*, g_b(w) - g_b(w*) + g(w*) (Baker et al. 2019): unbiased, "
-            "with a noise that vanishes at w* (plain minibatch noise grows like nbeta / batch_size against the injected "
-            "noise); costs one full-batch gradient at the start and a second minibatch gradient (at w*) per step. "
-            "Needs an int batch_size and minibatches drawn from train (sgld_data None)"
+            "with a noise that vanishes at w* (plain minibatch noise grows like nbeta / batch_size against the "
+            "injected noise); costs one full-batch gradient at the start and a second minibatch gradient (at w*) "
+            "per step. Needs an int batch_size and minibatches drawn from train (sgld_data None)"
         ),
     )
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))

@@ -65,7 +65,8 @@ def test_correction_vanishes_in_expectation_and_batches_agree():
     x, y = torch.randn(24, 4, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
     loss = lambda m, b: 0.5 * (m(b[0]).squeeze(1) - b[1]).square()  # noqa: E731
     params = list(model.parameters())
-    cv = ControlVariate(model, params, loss, False, full_gradient(model, params, loss, [(x, y)], False, dtype=torch.float64))
+    grad = full_gradient(model, params, loss, [(x, y)], False, dtype=torch.float64)
+    cv = ControlVariate(model, params, loss, False, grad)
     assert float(cv.correction((x, y)).abs().max()) < 1e-12
     parts = [cv.correction((x[i : i + 6], y[i : i + 6])) for i in range(0, 24, 6)]
     assert float(torch.stack(parts).sum(0).abs().max()) < 1e-12

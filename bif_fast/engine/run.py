@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
 from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
-from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
+from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import eval_batches, first_item, token_capped_batch_size
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
