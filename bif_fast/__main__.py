@@ -89,7 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
         num_draws=args.draws, train_steps=args.train_steps, seed=args.seed,
     )  # fmt: skip
     if all(summary["diverged"]):
-        print("FAILED: every chain diverged; lower the learning rate")
+        print("FAILED: every chain diverged")
         return 1
     return 0
 
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "and writes a self-contained HTML report. --model/--train-file/--query-file run it on your own.",
     )
     demo.add_argument("--out", default="bif_fast_report", help="report folder (default: ./bif_fast_report)")
-    demo.add_argument("--chains", type=int, default=2)
-    demo.add_argument("--draws", type=int, default=100, help="draws per chain")
+    demo.add_argument("--chains", type=int, help="chains (default: as calibrated)")
+    demo.add_argument("--draws", type=int, help="draws per chain (default: as calibrated)")
     demo.add_argument("--train-steps", type=int, default=600, help="training steps of the tiny model")
     demo.add_argument("--model", help="a local Hugging Face causal-LM folder (with its tokenizer)")
     demo.add_argument("--train-file", help="training passages, one per line")

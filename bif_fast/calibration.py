@@ -16,11 +16,19 @@ The rules, in order (each estimate and its cost is recorded):
 4. **Sampler.** BAOAB (kinetic Langevin) with the low-rank curvature mass (``engine.mass``), step
    ``0.8 x 2 / sqrt(a_ref)`` (the stability limit of the preconditioned potential), friction at critical
    damping of the slowest mode ``2 sqrt(a_min)``, full-batch gradients (their forward reused for the
-   draws). A pilot that diverges halves the step and is run again, and the log says so.
-5. **Damping** (``localization = damping x nbeta``) from candidates ``{3e-4, 1e-3, 3e-3, 1e-2} x lam_max``
-   (never below twice the negative curvature not covered by the weight decay), scored by the re-fit probe
-   (``engine.probe``: warm-started re-fits on random halves, scored like the LDS) on short pilot runs; the
-   best is then tried against the hundredfold smaller nbeta.
+   draws). A pilot that diverges (NaN/Inf, or a chain that leaves w*'s basin: ``BIFConfig.max_excursion``)
+   halves the step and is run again, and the log says so; the later pilots and the final run keep the
+   smaller step.
+5. **Damping** (``localization = damping x nbeta``): a coarse grid ``{1e-3, 1e-2, 1e-1} x lam_max``, then
+   the two points a factor sqrt(10) either side of its best (never below twice the negative curvature not
+   covered by the weight decay), each scored by the re-fit probe (``engine.probe``: warm-started re-fits
+   on random halves, scored like the LDS) on a short pilot run; the best is then tried against the
+   hundredfold smaller nbeta. The grid spans both ends the BIF interpolates between: the influence
+   function (small damping) and the gradient similarity (large damping). Of candidates whose scores
+   differ by less than one jackknife standard error of their paired difference, the smaller damping is
+   taken. When no score exceeds two jackknife standard errors (the probe cannot see this model's
+   re-fits, e.g. a few memorised queries scored token by token), the largest damping is taken instead:
+   the least Monte-Carlo noise, at the robust end.
 6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows at the pilots'
    measured speed (at least twice the calibration's time and 100 draws per chain). The probe's ranking is
    carried to that length: a correlation measured through Monte-Carlo noise of variance c / N shrinks by
@@ -44,7 +52,7 @@ from bif_fast.engine.calibrate import full_gradient, hessian_vector_product, lan
 from bif_fast.engine.data import check_eval_data
 from bif_fast.engine.mass import LowRankMass, curvature_mass
 from bif_fast.engine.model_state import ModelState
-from bif_fast.engine.probe import RefitProbe, probe_score, refit_probe
+from bif_fast.engine.probe import RefitProbe, jackknife_se, probe_loo_scores, probe_score, refit_probe
 from bif_fast.engine.run import eval_set, run_bif
 from bif_fast.engine.units import LossFn
 from bif_fast.result import BIFError
@@ -53,7 +61,9 @@ __all__ = ["Calibrated", "calibrate", "calibrate_with_mass"]
 
 logger = logging.getLogger("bif_fast")
 
-DAMPINGS = (3e-4, 1e-3, 3e-3, 1e-2)  # x lam_max
+COARSE_DAMPINGS = (1e-3, 1e-2, 1e-1)  # x lam_max
+REFINE = math.sqrt(10.0)  # the refinement's factor either side of the coarse best
+PILOTS = len(COARSE_DAMPINGS) + 3  # the coarse grid, two refinements, the small nbeta
 NBETA_PER_SEQUENCE = 1000.0
 SMALL_NBETA_FACTOR = 0.01
 MASS_RANK = 32
@@ -66,6 +76,9 @@ SAFETY = 0.8
 EVAL_BATCH = 1024  # sequences per evaluation batch (and per slice of the full-batch gradient)
 SAMPLING_SHARE = 0.85  # of the time left after calibration: the final run's own set-up and slower steps
 MIN_SAMPLING_FACTOR = 1.0  # the final run gets at least the calibration's own time
+MAX_EXCURSION = 50.0  # a chain whose loss rises this many spreads above its typical level has left the basin
+TIE_SE = 1.0  # candidates closer than this many standard errors of their difference count as tied
+INFORMATIVE_SE = 2.0  # the probe's best must exceed this many standard errors to be believed
 MAX_NOISE_RATIO = 3.0  # cap of the pilots' estimated noise-to-signal ratio c / N (the extrapolation's reach)
 
 
@@ -127,7 +140,7 @@ def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *
         probe = refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units, sides[1].batches,
                             sides[1].units, sides[1].at_w_star, per_token=per_token, refits=REFITS,
                             steps=steps, seed=seed)  # fmt: skip
-        pilot_steps = PILOT_SHARE * budget_seconds / (1.5 * per_gradient) / (len(DAMPINGS) + 1)
+        pilot_steps = PILOT_SHARE * budget_seconds / (1.5 * per_gradient) / PILOTS
         pilot_draws = int(min(PILOT_DRAWS, max(MIN_PILOT_DRAWS, pilot_steps / PILOT_CHAINS)))
     logger.info("bif_fast calibrate: lam_max %.4g, lam_min %.3g, implied weight decay %s, probe %.1f s",
                 curv["lam_max"], curv["lam_min"], curv["implied_weight_decay"]["value"], probe.seconds)
@@ -195,6 +208,13 @@ class _Search:
         self.candidates: list[dict[str, Any]] = []
         self.pilot_seconds, self.pilot_steps = 0.0, 0
         self.final_draws = FINAL_CHAINS * MIN_DRAWS  # updated from the budget before the ranking
+        self.shrink: dict[float, float] = {}  # per nbeta, the step factor pilots start from (halved for good
+        # when one diverges)
+        # A one-parameter posterior's loss rise is a chi-square of one degree of freedom, whose largest of
+        # 20,000 draws is ~48 spreads above its median: the escape check needs a few dimensions.
+        self.max_excursion = MAX_EXCURSION if sum(p.numel() for p in sampled) >= 3 else None
+        self.loo: dict[int, torch.Tensor] = {}  # id(row) -> the probe's leave-one-re-fit-out scores
+        self.informative = True  # whether the probe's best beat chance (else the largest damping is taken)
 
     def settings(self, nbeta: float, damping: float,
                  shrink: float = 1.0) -> tuple[SGLDConfig, LowRankMass | None, dict]:  # fmt: skip
@@ -218,8 +238,11 @@ class _Search:
 
     def pilot(self, nbeta: float, damping: float) -> dict[str, Any]:
         """A short run at (nbeta, damping) in two independent halves, scored by the probe; a diverging pilot
-        is retried at half the step."""
-        for shrink in (1.0, 0.5, 0.25):
+        is retried at half the step, and every later pilot starts from the step that worked (a divergence
+        says the curvature at w* understates the curvature the chains meet at this nbeta, whatever the
+        damping)."""
+        start = self.shrink.get(nbeta, 1.0)
+        for shrink in (start, start / 2, start / 4):
             sgld, mass, why = self.settings(nbeta, damping, shrink)
             t0 = time.perf_counter()
             halves = [self._half(sgld, mass, h) for h in range(2)]
@@ -229,8 +252,12 @@ class _Search:
             diverged = any(h is None for h in halves)
             row = {"nbeta": nbeta, "damping": damping, **why, "seconds": seconds, "diverged": diverged}
             if not diverged:
+                self.shrink[nbeta] = shrink
                 row["probe_half"] = sum(probe_score(h, self.probe) for h in halves) / 2
-                row["probe_lds"] = probe_score((halves[0] + halves[1]) / 2, self.probe)
+                pooled = (halves[0] + halves[1]) / 2
+                row["probe_lds"] = probe_score(pooled, self.probe)
+                self.loo[id(row)] = probe_loo_scores(pooled, self.probe)
+                row["probe_se"] = jackknife_se(self.loo[id(row)])
                 self.candidates.append(row)
                 return row
             logger.warning("bif_fast calibrate: the pilot at nbeta %.3g, damping %.3g diverged at step %.3g; "
@@ -241,7 +268,8 @@ class _Search:
     def _half(self, sgld: SGLDConfig, mass: LowRankMass | None, half: int) -> torch.Tensor | None:
         """One half of a pilot: its BIF, or None when a chain diverged."""
         cfg = BIFConfig(sgld=sgld, num_chains=PILOT_CHAINS // 2, num_draws=self.pilot_draws, batch_size="full",
-                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed + 1 + half)  # fmt: skip
+                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed + 1 + half,
+                        max_excursion=self.max_excursion)  # fmt: skip
         try:
             out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
                           per_token=self.per_token, sgld_source=self.train, backend=self.backend,
@@ -254,24 +282,55 @@ class _Search:
         lam_max, lam_min = self.curv["lam_max"], self.curv["lam_min"]
         floor = 2.0 * max(0.0, -lam_min - self.wd)
         nbeta = NBETA_PER_SEQUENCE * self.n_sequences
-        rows = [self.pilot(nbeta, max(f * lam_max, floor)) for f in DAMPINGS[:1]]
-        # The pilots' own speed sets the final run's length, and so the draws the ranking is carried to.
-        pilots_left = len(DAMPINGS)  # the other dampings and the small nbeta
+        rows = [self.pilot(nbeta, max(COARSE_DAMPINGS[0] * lam_max, floor))]
+        # The first pilot's speed sets the final run's length, and so the draws the ranking is carried to.
         per_pilot = self.pilot_seconds
         per_step = self.pilot_seconds / max(self.pilot_steps, 1)
-        left = seconds_left - pilots_left * per_pilot
-        least = MIN_SAMPLING_FACTOR * (len(DAMPINGS) + 1) * per_pilot
+        left = seconds_left - (PILOTS - 1) * per_pilot
+        least = MIN_SAMPLING_FACTOR * PILOTS * per_pilot
         self.final_draws = self.draws_for(max(SAMPLING_SHARE * left, least), per_step) * FINAL_CHAINS
-        rows += [self.pilot(nbeta, max(f * lam_max, floor)) for f in DAMPINGS[1:]]
+        rows += [self.pilot(nbeta, max(f * lam_max, floor)) for f in COARSE_DAMPINGS[1:]]
+        best = self.best(rows)
+        tried = {r["damping"] for r in rows}
+        for damping in (best["damping"] / REFINE, best["damping"] * REFINE):
+            if max(damping, floor) not in tried:
+                rows.append(self.pilot(nbeta, max(damping, floor)))
+                tried.add(rows[-1]["damping"])
+        best = self.best(rows)
+        small = self.pilot(nbeta * SMALL_NBETA_FACTOR, best["damping"])
+        if small["probe_lds"] is not None and self.predicted(small) > self.predicted(best):
+            best = small
+        if not best["probe_lds"] > INFORMATIVE_SE * best["probe_se"]:
+            # No candidate predicts the re-fits better than chance: take the one with the least Monte-Carlo
+            # noise, the largest damping (the fastest-mixing, narrowest posterior; the gradient-similarity end).
+            self.informative = False
+            logger.info("bif_fast calibrate: the probe's best score %.3g is within %g standard errors (%.3g) of "
+                        "chance; taking the largest damping", best["probe_lds"], INFORMATIVE_SE, best["probe_se"])
+            best = max((r for r in rows if r["probe_lds"] is not None), key=lambda r: r["damping"])
+        return best
+
+    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The highest predicted score, or the smallest damping the probe cannot tell from it: a difference
+        within ``TIE_SE`` jackknife standard errors of the paired difference (the re-fits are shared). Of
+        candidates it cannot separate, the smaller damping is nearer the posterior's own BIF (the
+        influence-function end, best at many draws on smooth models), and the prediction already charges it
+        for its extra Monte-Carlo noise."""
         scored = [r for r in rows if r["probe_lds"] is not None]
         if not scored:
             raise BIFError("every calibration pilot diverged, even at a quarter of the stability step", {
                 "calibration": {"candidates": self.candidates}})  # fmt: skip
-        best = max(scored, key=self.predicted)
-        small = self.pilot(nbeta * SMALL_NBETA_FACTOR, best["damping"])
-        if small["probe_lds"] is not None and self.predicted(small) > self.predicted(best):
-            best = small
-        return best
+        for row in scored:
+            row.pop("tied_with_damping", None)
+        top = max(scored, key=self.predicted)
+        scale = self.predicted(top) / top["probe_lds"] if top["probe_lds"] > 0 else 1.0
+        for row in sorted(scored, key=lambda r: r["damping"]):
+            if row["damping"] >= top["damping"] or row["nbeta"] != top["nbeta"]:
+                continue
+            se = jackknife_se(self.loo[id(top)] - self.loo[id(row)])
+            if self.predicted(top) - self.predicted(row) <= TIE_SE * scale * se:
+                row["tied_with_damping"] = top["damping"]
+                return row
+        return top
 
     def predicted(self, row: dict[str, Any]) -> float:
         """The probe score a candidate would reach with the final run's draws. Monte-Carlo noise of variance
@@ -294,7 +353,8 @@ class _Search:
         return int(min(MAX_DRAWS, max(MIN_DRAWS, seconds / max(per_step, 1e-9) / FINAL_CHAINS)))
 
     def final(self, best: dict[str, Any], seconds_left: float, t0: float) -> Calibrated:
-        sgld, mass, why = self.settings(best["nbeta"], best["damping"], best["step_shrink"])
+        shrink = min(best["step_shrink"], self.shrink[best["nbeta"]])
+        sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink)
         per_step = self.pilot_seconds / max(self.pilot_steps, 1)
         draws = self.draws_for(seconds_left, per_step)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
@@ -302,8 +362,9 @@ class _Search:
             "curvature": curv,
             "nbeta": {"value": sgld.nbeta, "rule": f"{NBETA_PER_SEQUENCE:g} x training sequences (Gaussian regime), "
                       f"or {SMALL_NBETA_FACTOR:g} x that where the probe prefers it"},
-            "damping": {"value": best["damping"], "rule": "the probe's best of "
-                        f"{[f'{f:g} x lam_max' for f in DAMPINGS]}"},
+            "damping": {"value": best["damping"], "probe_informative": self.informative,
+                        "rule": f"the probe's best of {[f'{f:g} x lam_max' for f in COARSE_DAMPINGS]} and sqrt(10) "
+                        f"either side of it; the largest when no score exceeds {INFORMATIVE_SE:g} jackknife s.e."},
             "sampler": {"lr": sgld.lr, "friction": sgld.friction, **why, "mass_rank": mass.rank if mass else 0,
                         "rule": f"BAOAB, curvature mass, lr = {SAFETY:g} x 2/sqrt(a_ref), friction 2 sqrt(a_min)"},
             "candidates": self.candidates,
@@ -318,5 +379,6 @@ class _Search:
         logger.info("bif_fast calibrate: nbeta %.3g, damping %.3g, lr %.3g, %d x %d draws (%.1f s)", sgld.nbeta,
                     best["damping"], sgld.lr, FINAL_CHAINS, draws, calibration["seconds"])  # fmt: skip
         config = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
-                           eval_batch_size=EVAL_BATCH, seed=self.seed, calibration=calibration)  # fmt: skip
+                           eval_batch_size=EVAL_BATCH, seed=self.seed, max_excursion=self.max_excursion,
+                           calibration=calibration)  # fmt: skip
         return Calibrated(config, mass)

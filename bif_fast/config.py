@@ -183,6 +183,16 @@ class BIFConfig:
             "num_steps_bw_draws=1; for plain SGLD: BAOAB's position marginal has no such bias)"
         ),
     )
+    max_excursion: float | None = field(
+        default=None,
+        metadata=_help(
+            "leave out a chain whose mean training loss rises above its typical level (the median rise above w*'s) by "
+            "more than this many spreads (median absolute deviations; the chain's own or the earlier kept chains' "
+            "when smaller): a chain that left w*'s basin without reaching NaN/Inf, whose draws would dominate every "
+            "covariance (reported in diagnostics['escaped']). None: only NaN/Inf chains are left out. The calibrated "
+            "defaults use 50"
+        ),
+    )
     calibration: dict[str, Any] | None = field(
         default=None,
         compare=False,
@@ -220,6 +230,9 @@ class BIFConfig:
         if self.estimator == "lag1" and self.num_steps_bw_draws != 1:
             raise ValueError("BIFConfig.estimator='lag1' corrects the covariance of consecutive SGLD steps: it needs "
                              f"num_steps_bw_draws=1, got {self.num_steps_bw_draws}")  # fmt: skip
+        ex = self.max_excursion
+        if ex is not None and (isinstance(ex, bool) or not isinstance(ex, (int, float)) or not ex > 1):
+            raise ValueError(f"BIFConfig.max_excursion must be None or a number > 1, got {ex!r}")
         if self.cov_dtype not in ("auto", "float64", "float32"):
             raise ValueError(f"BIFConfig.cov_dtype must be 'auto', 'float64' or 'float32', got {self.cov_dtype!r}")
         cap = self.eval_max_tokens

@@ -195,3 +195,35 @@ def test_full_batch_and_mass_settings_are_validated():
         BIFConfig(batch_size="half")
     with pytest.raises(ValueError, match="LowRankMass"):
         SGLD(model.parameters(), cfg.sgld)
+
+
+def test_a_chain_that_leaves_the_basin_is_told_apart_from_healthy_ones():
+    """``max_excursion``: a chain whose mean training loss jumps far above its typical rise is flagged with the
+    reason; chi-square-like healthy traces (the rise of a Gaussian posterior) are not."""
+    from bif_fast.engine.run import escaped_chains
+
+    g = torch.Generator().manual_seed(0)
+    at_w_star = 0.04
+    healthy = at_w_star + 0.004 * torch.randn(4, 300, 8, generator=g).square().mean(-1)  # chi-square(8) / 8
+    trace = healthy.clone()
+    trace[2, 150:] += 5.0  # chain 2 escapes half-way
+    typical: list[float] = []
+    why = escaped_chains(trace, at_w_star, 50.0, typical)
+    assert [w is None for w in why] == [True, True, False, True] and "rose 5" in why[2]
+    assert len(typical) == 3 and all(0.003 < level < 0.005 and 0 < spread < 0.002 for level, spread in typical)
+    # A chain that escapes from its first draw is caught against the earlier chains' typical rise.
+    early = healthy[:1].clone() + 5.0
+    assert escaped_chains(early, at_w_star, 50.0, typical)[0] is not None
+    assert escaped_chains(early, at_w_star, 50.0, [])[0] is None  # with nothing to compare: not caught
+    # A rise dominated by the linear term (w* off the data loss's minimum, e.g. under weight decay) is
+    # centred near zero and often negative: its spread, not its level, is the yardstick.
+    linear = at_w_star + 1e-3 * torch.randn(4, 2000, generator=g)
+    assert escaped_chains(linear, at_w_star, 50.0, []) == [None] * 4
+    assert escaped_chains(trace, at_w_star, None, []) == [None] * 4
+
+
+def test_max_excursion_is_validated_and_off_for_explicit_configs():
+    assert BIFConfig().max_excursion is None
+    for bad in (1.0, 0.5, True, "20"):
+        with pytest.raises(ValueError, match="max_excursion"):
+            BIFConfig(max_excursion=bad)

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 import bif_fast.calibration as calibration
 from bif_fast import calibrate, compute_bif
-from bif_fast.engine.probe import RefitProbe, probe_score
+from bif_fast.engine.probe import RefitProbe, probe_score, probe_score_and_se
 
 WD = 0.05
 
@@ -62,7 +62,8 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert sgld.weight_decay == pytest.approx(sgld.nbeta * WD, rel=1e-3)
     damping = cal["damping"]["value"]
     assert sgld.localization == pytest.approx(damping * sgld.nbeta)
-    assert any(damping == pytest.approx(f * float(evals[0]), rel=1e-3) for f in calibration.DAMPINGS)
+    grid = [f * r for f in calibration.COARSE_DAMPINGS for r in (1 / calibration.REFINE, 1.0, calibration.REFINE)]
+    assert any(damping == pytest.approx(f * float(evals[0]), rel=1e-3) for f in grid)
     # The stable step: 0.8 x 2 / sqrt(a_ref), a_ref the (k+1)-th curvature of the potential (k = d - 1 here).
     rank = sgld.mass_rank
     shrink = cal["sampler"]["step_shrink"]
@@ -71,7 +72,9 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert sgld.friction == pytest.approx(2 * math.sqrt(sgld.nbeta * (WD + damping)), rel=1e-3)
     assert calibration.MIN_DRAWS <= cfg.num_draws <= 400 and cfg.num_chains == calibration.FINAL_CHAINS
     assert {"candidates", "probe", "length", "nbeta", "seconds"} <= set(cal)
-    assert all("probe_lds" in c for c in cal["candidates"]) and len(cal["candidates"]) >= len(calibration.DAMPINGS)
+    tried = sorted({c["damping"] for c in cal["candidates"]})
+    assert all("probe_lds" in c for c in cal["candidates"]) and len(tried) == len(calibration.COARSE_DAMPINGS) + 2
+    assert tried[-1] / tried[0] > 0.99 * 10 ** (len(calibration.COARSE_DAMPINGS) - 1)  # the grid's whole span
     assert torch.equal(model.weight.detach(), w_before)
 
 
@@ -99,9 +102,10 @@ def test_compute_bif_without_config_uses_the_calibration_and_records_it(short_ru
     cal = res.diagnostics["calibration"]
     assert res.config.calibration is cal and res.config.sgld.mass == "curvature"
     assert res.diagnostics["forward_reuse"] and not any(res.diagnostics["diverged"])
-    # The same settings given explicitly give the same BIF (the mass is rebuilt identically from the config).
+    # The same settings given explicitly give the same BIF: the mass is rebuilt from the config by the same
+    # seeded Lanczos (float32 rounding of its products lets the chains drift apart by ~1e-7 of the scale).
     again = compute_bif(model, train, query, loss_fn=_sq, config=res.config)
-    assert torch.allclose(again.bif, res.bif, rtol=1e-5, atol=1e-7 * float(res.bif.abs().max()))
+    assert torch.allclose(again.bif, res.bif, rtol=1e-4, atol=1e-6 * float(res.bif.abs().max()))
     with pytest.raises(ValueError, match="sgld_data"):
         compute_bif(model, train, query, loss_fn=_sq, sgld_data=train)
 
@@ -112,7 +116,10 @@ def test_a_diverging_pilot_is_retried_at_half_the_step_and_said(short_runs, monk
     with caplog.at_level(logging.WARNING, logger="bif_fast"):
         cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
     rows = cfg.calibration["candidates"]
-    assert any(r["diverged"] and r["step_shrink"] == 1.0 for r in rows)
+    first = next(i for i, r in enumerate(rows) if r["diverged"])
+    assert rows[first]["step_shrink"] == 1.0
+    later = [r for r in rows[first + 1 :] if r["nbeta"] == rows[first]["nbeta"]]
+    assert len(later) >= 2 and all(r["step_shrink"] <= 0.5 and not r["diverged"] for r in later)  # kept smaller
     assert cfg.calibration["sampler"]["step_shrink"] == 0.5
     assert "halving the step" in caplog.text
 
@@ -131,6 +138,47 @@ def test_probe_score_is_the_mean_spearman_of_predicted_and_observed_changes():
     bif = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 5], [5, 5, 4]], dtype=torch.float64)
     delta = torch.tensor([[5.0, 1, 1], [4, 2, 2], [3, 3, 3], [2, 4, 4], [1, 5, 5]])
     assert probe_score(bif, RefitProbe(kept, delta, 0.0, 0)) == pytest.approx((-1 + 1 + 0.9) / 3)
+
+
+def test_probe_standard_error_is_the_jackknife_over_re_fits():
+    g = torch.Generator().manual_seed(1)
+    kept = torch.rand(12, 9, generator=g)
+    bif = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    exact = RefitProbe(kept, kept.double() @ bif, 0.0, 0)
+    assert probe_score_and_se(bif, exact) == (pytest.approx(1.0), pytest.approx(0.0, abs=1e-12))
+    delta = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    score, se = probe_score_and_se(bif, RefitProbe(kept, delta, 0.0, 0))
+    loo = []
+    for i in range(12):
+        keep = torch.arange(12) != i
+        loo.append(probe_score(bif, RefitProbe(kept[keep], delta[keep], 0.0, 0)))
+    loo = torch.tensor(loo, dtype=torch.float64)
+    assert score == pytest.approx(probe_score(bif, RefitProbe(kept, delta, 0.0, 0)))
+    assert se == pytest.approx(float((11 / 12 * (loo - loo.mean()).square().sum()).sqrt()), rel=1e-9)
+    assert 0.05 < se < 0.6  # twelve re-fits of noise: a wide score
+
+
+def test_an_uninformative_probe_falls_back_to_the_largest_damping(short_runs, monkeypatch, caplog):
+    """Re-fits whose query changes are noise, unrelated to the halves: no candidate beats chance, and the
+    calibration takes the largest damping it tried (the least Monte-Carlo noise) and says so."""
+    real = calibration.refit_probe
+
+    def noise_probe(*args, **kwargs):
+        probe = real(*args, **kwargs)
+        g = torch.Generator().manual_seed(7)
+        return RefitProbe(probe.kept, torch.randn(probe.delta.shape, generator=g, dtype=torch.float64),
+                          probe.seconds, probe.gradient_evaluations)  # fmt: skip
+
+    monkeypatch.setattr(calibration, "refit_probe", noise_probe)
+    model, train, query, *_ = _ridge()
+    with caplog.at_level(logging.INFO, logger="bif_fast"):
+        cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
+    cal = cfg.calibration
+    tried = [c["damping"] for c in cal["candidates"] if c["nbeta"] == cfg.sgld.nbeta and not c["diverged"]]
+    assert cal["damping"]["probe_informative"] is False and cal["damping"]["value"] == max(tried)
+    assert "chance" in caplog.text
+    monkeypatch.setattr(calibration, "refit_probe", real)  # the real probe sees the ridge's re-fits
+    assert calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0).calibration["damping"]["probe_informative"]
 
 
 def test_calibrate_rejects_bad_arguments():

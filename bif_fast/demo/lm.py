@@ -6,7 +6,7 @@ training passages on a few queries is printed as a top-k table and written as an
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 
 import torch
@@ -106,16 +106,21 @@ def run_lm_demo(
     train_texts: list[str] | None = None,
     query_texts: list[str] | None = None,
     tokenize=None,
-    num_chains: int = 2,
-    num_draws: int = 100,
+    config=None,
+    num_chains: int | None = None,
+    num_draws: int | None = None,
     train_steps: int = 600,
     seed: int = 0,
     quiet: bool = False,
 ) -> dict:
-    """Train (or take) a causal LM, compute the per-token BIF of its training passages on the queries,
-    print a top-k table and write a self-contained HTML report. Returns a summary dict."""
+    """Train (or take) a causal LM, compute the per-token BIF of its training passages on the queries (attention
+    weights sampled, as in the paper's language-model runs), print a top-k table and write a self-contained
+    HTML report. Returns a summary dict.
+
+    The sampler settings are ``compute_bif``'s calibrated defaults (``config=None``); ``num_chains`` /
+    ``num_draws`` override the calibrated run's length, and an explicit ``config`` is used as given."""
     from bif_fast.api import compute_bif
-    from bif_fast.config import BIFConfig, SGLDConfig
+    from bif_fast.calibration import calibrate
     from bif_fast.losses import causal_lm
     from bif_fast.report import write_report
 
@@ -130,24 +135,36 @@ def run_lm_demo(
     t_train = time.perf_counter() - t0
     train = _DictDataset(tokenize(train_texts))
     query = _DictDataset(tokenize(query_texts))
-    n_tokens = int(train.enc["attention_mask"][:, 1:].sum())
-    # The paper's language-model setting: RMSprop-SGLD on the attention weights only.
+    loss_fn = causal_lm(model)
     params = [p for n, p in model.named_parameters() if "attention" in n]
-    cfg = BIFConfig(
-        sgld=SGLDConfig(lr=1e-4, nbeta=float(n_tokens), localization=300.0, precondition="rmsprop"),
-        num_chains=num_chains, num_draws=num_draws, num_burnin_steps=20, num_steps_bw_draws=2,
-        batch_size=16, eval_batch_size=64, seed=seed, progress=not quiet and sys.stderr.isatty(),
-    )  # fmt: skip
-    say(f"computing the per-token BIF: {num_chains} chains x {num_draws} draws, RMSprop-SGLD on attention weights")
     t1 = time.perf_counter()
-    res = compute_bif(model, train, query, loss_fn=causal_lm(model), config=cfg, per_token=True, params=params)
+    if config is None and (num_chains is not None or num_draws is not None):
+        config = calibrate(model, train, query, loss_fn=loss_fn, per_token=True, params=params, seed=seed)
+        config = dataclasses.replace(config, num_chains=num_chains or config.num_chains,
+                                     num_draws=num_draws or config.num_draws)  # fmt: skip
+    how = "calibrated settings (bif_fast.calibrate)" if config is None or config.calibration else "the given config"
+    say(f"computing the per-token BIF of the attention weights with {how}")
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=config, per_token=True, params=params)
     t_bif = time.perf_counter() - t1
+    _say_calibration(res, say)
     path = write_report(res, train_texts, query_texts, out_dir)
     summary = _print_topk(res, train_texts, query_texts, say)
     summary.update(seconds_train=t_train, seconds_bif=t_bif, report=str(path), n_train_tokens=res.bif.shape[0],
                    n_query_tokens=res.bif.shape[1], diverged=res.diagnostics["diverged"])  # fmt: skip
     say(f"report: {path}   (train {t_train:.0f} s, BIF {t_bif:.0f} s, {res.bif.shape[0]} x {res.bif.shape[1]} tokens)")
     return summary
+
+
+def _say_calibration(res, say) -> None:
+    cal = res.diagnostics.get("calibration")
+    if not cal:
+        return
+    sgld, cfg = res.config.sgld, res.config
+    why = "" if cal["damping"].get("probe_informative", True) else " (the re-fit probe could not tell the " \
+        "candidates apart: the largest damping, the least Monte-Carlo noise)"
+    say(f"calibrated in {cal['seconds']:.0f} s: BAOAB with a rank-{cal['sampler']['mass_rank']} curvature mass, "
+        f"nbeta {sgld.nbeta:.3g}, damping {cal['damping']['value']:.3g}{why}, step {sgld.lr:.3g}, "
+        f"{cfg.num_chains} chains x {cfg.num_draws} draws")  # fmt: skip
 
 
 def passage_scores(res) -> torch.Tensor:

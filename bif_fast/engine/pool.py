@@ -45,6 +45,7 @@ class Pool:
         self.means: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chain in the stderr: (mean_x, mean_y)
         self.k: int | None = None
         self.diverged = [False] * config.num_chains
+        self.escaped: dict[int, str] = {}  # chains left out for leaving w*'s basin, and why
         self.survivors = 0
         self._chain_accs: list[RunningCrossCovariance] = []
 
@@ -59,11 +60,17 @@ class Pool:
             acc.reset()
         return self._chain_accs[:count]
 
-    def add(self, c: int, acc: RunningCrossCovariance, sampler_diverged: bool, seconds: float) -> None:
-        """Fold chain ``c`` in. ``acc`` (if not the pool itself) is consumed: it must be reset before reuse."""
-        if sampler_diverged or not acc.finite():
+    def add(self, c: int, acc: RunningCrossCovariance, sampler_diverged: bool, seconds: float,
+            escaped: str | None = None) -> None:  # fmt: skip
+        """Fold chain ``c`` in. ``acc`` (if not the pool itself) is consumed: it must be reset before reuse.
+        ``escaped``: why the chain left w*'s basin (``engine.run.escaped_chains``); it is then left out."""
+        if sampler_diverged or not acc.finite() or escaped:
             self.diverged[c] = True
-            logger.warning("bif_fast: chain %d diverged (NaN/Inf); it is left out of the BIF", c)
+            if escaped and not sampler_diverged:
+                self.escaped[c] = escaped
+                logger.warning("bif_fast: chain %d left w*'s basin (%s); it is left out of the BIF", c, escaped)
+            else:
+                logger.warning("bif_fast: chain %d diverged (NaN/Inf); it is left out of the BIF", c)
             if acc is self.pooled:
                 self.pooled.reset()
             return

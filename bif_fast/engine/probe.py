@@ -23,7 +23,7 @@ import torch
 from bif_fast.engine.data import batch_len
 from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask
 
-__all__ = ["RefitProbe", "probe_score", "refit_probe"]
+__all__ = ["RefitProbe", "jackknife_se", "probe_loo_scores", "probe_score", "probe_score_and_se", "refit_probe"]
 
 
 @dataclass
@@ -107,11 +107,47 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return x.argsort(0).argsort(0).to(torch.float64)
 
 
+def _correlations(pred: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[p]`` Spearman correlation of each column of ``pred`` with the same column of ``delta`` (rows: re-fits)."""
+    a, b = _ranks(pred), _ranks(delta)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
+
+
 def probe_score(bif: torch.Tensor, probe: RefitProbe) -> float:
     """Mean over query units of the Spearman correlation across re-fits between the BIF's prediction
     and the observed change of the query loss."""
+    return _score(bif, probe)
+
+
+def probe_score_and_se(bif: torch.Tensor, probe: RefitProbe) -> tuple[float, float]:
+    """``probe_score`` and its jackknife standard error over the re-fits (each left out in turn): how far the
+    score could move with other random halves. The query units share the re-fits, so their correlations are
+    not independent and the spread over units would understate it."""
+    return _score(bif, probe), jackknife_se(probe_loo_scores(bif, probe))
+
+
+def _score(bif: torch.Tensor, probe: RefitProbe) -> float:
     pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)  # [K, p]
-    a, b = _ranks(pred), _ranks(probe.delta.to(torch.float64))
-    a, b = a - a.mean(0), b - b.mean(0)
-    corr = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
-    return float(corr.mean())
+    return float(_correlations(pred, probe.delta.to(torch.float64)).mean())
+
+
+def probe_loo_scores(bif: torch.Tensor, probe: RefitProbe) -> torch.Tensor:
+    """``[K]`` the probe score with re-fit k left out, for each k (empty with fewer than 4 re-fits). Two
+    candidates' left-out scores, differenced, give the jackknife error of their difference: the re-fits
+    are shared, so a difference is known far better than either score."""
+    pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)
+    delta = probe.delta.to(torch.float64)
+    k = pred.shape[0]
+    if k < 4:
+        return torch.empty(0, dtype=torch.float64)
+    keep = ~torch.eye(k, dtype=torch.bool, device=pred.device)
+    return torch.stack([_correlations(pred[keep[i]], delta[keep[i]]).mean() for i in range(k)]).cpu()
+
+
+def jackknife_se(loo: torch.Tensor) -> float:
+    """The jackknife standard error from leave-one-out values (NaN for fewer than 4)."""
+    k = loo.numel()
+    if k < 4:
+        return float("nan")
+    return float(((k - 1) / k * (loo - loo.mean()).square().sum()).sqrt())

@@ -157,6 +157,7 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
     bufs = [torch.empty(k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
     pairs = _Pairs(bufs) if config.estimator == "lag1" else None
     bar = _progress(config)
+    typical: list[tuple[float, float]] = []  # the kept chains' (level, spread) of their training-loss rise
     for first in range(0, num_chains, chains.size):
         ids = list(range(first, min(num_chains, first + chains.size)))
         c, rows, t_group = len(ids), slice(ids[0], ids[-1] + 1), time.perf_counter()
@@ -185,12 +186,49 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
                 bar.update(c)
         traces.mean_train_loss[rows] = torch.stack(means, 1)
         traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5)
+        escapes = escaped_chains(traces.mean_train_loss[rows], float(sides[0].at_w_star.mean()),
+                                 config.max_excursion, typical)  # fmt: skip
         for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
-            pool.add(chain, accs[i], flag, traces.seconds[chain])
+            pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
     if bar is not None:
         bar.close()
     return traces
+
+
+def escaped_chains(mean_train_loss: torch.Tensor, at_w_star: float, factor: float | None,
+                   typical: list[tuple[float, float]]) -> list[str | None]:  # fmt: skip
+    """Per chain of ``mean_train_loss`` ``[c, draws]``: why it left w*'s basin, or None. The rise of the mean
+    training loss above w*'s has a typical level (its median over the draws) and spread (the median absolute
+    deviation); a chain escapes when its highest rise exceeds the level by more than ``factor`` spreads, each
+    the chain's own or the earlier kept chains' median when smaller (the spread floored at 1e-6 of the loss):
+    a chain that found a far higher-loss region without reaching NaN/Inf, whose draws would dominate every
+    covariance. ``typical`` collects the kept chains' (level, spread). A chain that escapes from its first
+    draws on, with no earlier chain to compare it with, is not caught."""
+    if factor is None:
+        return [None] * mean_train_loss.shape[0]
+    rise = (mean_train_loss.double() - at_w_star).cpu()
+    out: list[str | None] = []
+    for row in rise:
+        row = row[torch.isfinite(row)]
+        if row.numel() == 0:
+            out.append(None)
+            continue
+        level = float(row.median())
+        spread = float((row - level).abs().median())
+        ref_level, ref_spread = level, spread
+        if typical:
+            ref_level = min(level, sorted(t[0] for t in typical)[len(typical) // 2])
+            ref_spread = min(spread, sorted(t[1] for t in typical)[len(typical) // 2])
+        ref_spread = max(ref_spread, 1e-6 * abs(at_w_star), 1e-12)
+        excess = (float(row.max()) - ref_level) / ref_spread
+        if excess > factor:
+            out.append(f"mean training loss rose {float(row.max()):.3g} above w*'s, {excess:.0f} spreads "
+                       f"({ref_spread:.2g}) above its typical {ref_level:.3g}")  # fmt: skip
+        else:
+            out.append(None)
+            typical.append((level, spread))
+    return out
 
 
 class _Pairs:
@@ -220,6 +258,7 @@ def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFC
         "chain_mean_train_loss": traces.mean_train_loss.cpu().tolist(),
         "rms_distance_from_w_star": traces.distance.cpu().tolist(),
         "diverged": pool.diverged,
+        "escaped": {str(c): why for c, why in pool.escaped.items()},
         "num_chains_used": pool.survivors,
         "num_draws_used": pool.pooled.count,
         "w_star_mean_train_loss": float(train.at_w_star.mean()),
