@@ -27,7 +27,7 @@ import torch
 from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.data import leading_dims
-from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
+from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_steps_
 from bif_fast.engine.units import LossModule, full_batch_term
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
@@ -83,7 +83,7 @@ class ChainBatch:
         self.state = torch.zeros(size, total, device=self.device) if config.needs_state else None
         self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
         self.mass = mass
-        self.noise = torch.empty(total, device=self.device) if mass is not None else None
+        self.noise = torch.empty(size, total, device=self.device) if mass is not None else None
         self.chains: list[int] = []
         self.num_steps = 0
 
@@ -181,12 +181,14 @@ class ChainBatch:
     def update(self) -> None:
         """The sampler update of every chain from the gradients in ``self.grad``."""
         with torch.no_grad():
+            if self.mass is not None:
+                c = self.c
+                mass_steps_(self.backend, self.master[:c].detach(), self.grad[:c], self.anchor, self.state[:c],
+                            config=self.config, mass=self.mass, seed=self.seed, chains=self.chains,
+                            step=self.num_steps, noise=self.noise[:c], diverged=self.diverged_flags[:c])  # fmt: skip
+                self.num_steps += 1
+                return
             for i, chain in enumerate(self.chains):
-                if self.mass is not None:
-                    mass_step_(self.backend, self.master[i].detach(), self.grad[i], self.anchor, self.state[i],
-                               config=self.config, mass=self.mass, seed=self.seed, chain=chain, step=self.num_steps,
-                               noise=self.noise, out=None, diverged=self.diverged_flags[i : i + 1])  # fmt: skip
-                    continue
                 sgld_update_resolved_(
                     self.backend, self.master[i].detach(), self.grad[i], self.anchor,
                     None if self.state is None else self.state[i], config=self.config, seed=self.seed, chain=chain,

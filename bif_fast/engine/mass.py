@@ -29,7 +29,7 @@ from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
 from bif_fast.ops import philox_normal_, sgld_update_resolved_
 
-__all__ = ["LowRankMass", "curvature_mass", "init_mass_velocity_", "kinetic_force", "mass_step_"]
+__all__ = ["LowRankMass", "curvature_mass", "init_mass_velocity_", "kinetic_force", "mass_step_", "mass_steps_"]
 
 
 @dataclasses.dataclass
@@ -112,3 +112,20 @@ def mass_step_(backend: ResolvedBackend, w: torch.Tensor, grad: torch.Tensor, an
     sgld_update_resolved_(backend, w, force, anchor, state, config=_unit_kernel_config(config), seed=seed,
                           chain=chain, step=step, noise=mass.inv_sqrt_mass(noise), out=out,
                           diverged=diverged)  # fmt: skip
+
+
+def mass_steps_(backend: ResolvedBackend, w: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor,
+                state: torch.Tensor, *, config: SGLDConfig, mass: LowRankMass, seed: int, chains: list[int], step: int,
+                noise: torch.Tensor, diverged: torch.Tensor) -> None:  # fmt: skip
+    """``mass_step_`` for C chains at once (``w``, ``grad``, ``state``, ``noise``: ``[C, N]``; ``diverged``:
+    ``[C]`` int32): the force and the noise are preconditioned in one ``[C, N] x [N, k]`` product each, as
+    a batch of chains steps in one call; each chain keeps its own Philox stream ``(seed, chains[i], step)``,
+    so the chains are the ones ``mass_step_`` makes, up to the rounding of the batched products."""
+    force = mass.inv_mass(kinetic_force(grad, w, anchor, config))
+    for i, chain in enumerate(chains):
+        philox_normal_(noise[i], seed=seed, chain=chain, step=step, backend=backend)
+    scaled = mass.inv_sqrt_mass(noise)
+    unit = _unit_kernel_config(config)
+    for i, chain in enumerate(chains):
+        sgld_update_resolved_(backend, w[i], force[i], anchor, state[i], config=unit, seed=seed, chain=chain,
+                              step=step, noise=scaled[i], out=None, diverged=diverged[i : i + 1])  # fmt: skip
