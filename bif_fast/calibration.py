@@ -30,7 +30,7 @@ The rules, in order (each estimate and its cost is recorded):
    re-fits, e.g. a few memorised queries scored token by token), the largest damping is taken instead:
    the least Monte-Carlo noise, at the robust end.
 6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows at the pilots'
-   measured speed (at least twice the calibration's time and 100 draws per chain). The probe's ranking is
+   measured speed (at least the calibration's time and 100 draws per chain). The probe's ranking is
    carried to that length: a correlation measured through Monte-Carlo noise of variance c / N shrinks by
    ``1 / sqrt(1 + c / N)``, and each pilot's two independent halves give its c.
 """
@@ -74,7 +74,7 @@ REFITS, REFIT_STEPS, MIN_REFIT_STEPS = 12, 100, 20
 PROBE_SHARE, PILOT_SHARE = 0.15, 0.3  # of the budget: the re-fits and the pilots scale down to fit them
 SAFETY = 0.8
 EVAL_BATCH = 1024  # sequences per evaluation batch (and per slice of the full-batch gradient)
-SAMPLING_SHARE = 0.85  # of the time left after calibration: the final run's own set-up and slower steps
+SAMPLING_SHARE = 0.9  # of the time left after calibration (the final run's set-up is measured apart)
 MIN_SAMPLING_FACTOR = 1.0  # the final run gets at least the calibration's own time
 MAX_EXCURSION = 50.0  # a chain whose loss rises this many spreads above its typical level has left the basin
 TIE_SE = 1.0  # candidates closer than this many standard errors of their difference count as tied
@@ -96,9 +96,10 @@ def calibrate(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn:
     Args:
         model, train, loss_fn, per_token, params, backend: as in ``compute_bif``.
         query (Dataset | DataLoader | None): the observables the probe scores predictions of (default: train).
-        budget_seconds (float): wall time for calibration and sampling together. The sampling run gets 85% of
-            what the calibration leaves, but at least twice the calibration's own time (a model too slow for
-            the budget still gets a useful run) and at least 100 draws per chain. Default: 30.
+        budget_seconds (float): wall time for calibration and sampling together. The sampling loop gets 90% of
+            what the calibration leaves (less the run's measured set-up), but at least the calibration's own
+            time (a model too slow for the budget still gets a useful run) and at least 100 draws per chain.
+            Default: 30.
         seed (int): seed of the probe, the pilots and the returned config.
 
     Returns:
@@ -207,6 +208,9 @@ class _Search:
         self.wd = curv["implied_weight_decay"]["value"]
         self.candidates: list[dict[str, Any]] = []
         self.pilot_seconds, self.pilot_steps = 0.0, 0
+        # The pilots' sampling loops alone (their chain-steps and seconds) and their runs' whole seconds: the
+        # speed of a step, and the fixed cost of a run (evaluation at w*, set-up), are measured apart.
+        self.loop_seconds, self.loop_steps, self.run_seconds, self.runs = 0.0, 0, 0.0, 0
         self.final_draws = FINAL_CHAINS * MIN_DRAWS  # updated from the budget before the ranking
         self.shrink: dict[float, float] = {}  # per nbeta, the step factor pilots start from (halved for good
         # when one diverges)
@@ -276,7 +280,18 @@ class _Search:
                           mass=mass)  # fmt: skip
         except BIFError:
             return None
-        return None if any(out.diagnostics["diverged"]) else out.bif
+        d = out.diagnostics
+        self.loop_seconds += sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])  # a group's chains share its time
+        self.loop_steps += cfg.num_chains * (cfg.num_draws - 1)
+        self.run_seconds += d["seconds"]
+        self.runs += 1
+        return None if any(d["diverged"]) else out.bif
+
+    def speed(self) -> tuple[float, float]:
+        """(seconds per chain-step of the sampling loop, fixed seconds per run), from the pilots so far."""
+        if self.loop_steps == 0:
+            return self.pilot_seconds / max(self.pilot_steps, 1), 0.0
+        return self.loop_seconds / self.loop_steps, max(self.run_seconds - self.loop_seconds, 0.0) / self.runs
 
     def run(self, seconds_left: float) -> dict[str, Any]:
         lam_max, lam_min = self.curv["lam_max"], self.curv["lam_min"]
@@ -285,10 +300,10 @@ class _Search:
         rows = [self.pilot(nbeta, max(COARSE_DAMPINGS[0] * lam_max, floor))]
         # The first pilot's speed sets the final run's length, and so the draws the ranking is carried to.
         per_pilot = self.pilot_seconds
-        per_step = self.pilot_seconds / max(self.pilot_steps, 1)
+        per_step, overhead = self.speed()
         left = seconds_left - (PILOTS - 1) * per_pilot
         least = MIN_SAMPLING_FACTOR * PILOTS * per_pilot
-        self.final_draws = self.draws_for(max(SAMPLING_SHARE * left, least), per_step) * FINAL_CHAINS
+        self.final_draws = self.draws_for(max(SAMPLING_SHARE * left - overhead, least), per_step) * FINAL_CHAINS
         rows += [self.pilot(nbeta, max(f * lam_max, floor)) for f in COARSE_DAMPINGS[1:]]
         best = self.best(rows)
         tried = {r["damping"] for r in rows}
@@ -355,8 +370,8 @@ class _Search:
     def final(self, best: dict[str, Any], seconds_left: float, t0: float) -> Calibrated:
         shrink = min(best["step_shrink"], self.shrink[best["nbeta"]])
         sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink)
-        per_step = self.pilot_seconds / max(self.pilot_steps, 1)
-        draws = self.draws_for(seconds_left, per_step)
+        per_step, overhead = self.speed()
+        draws = self.draws_for(seconds_left - overhead, per_step)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
         calibration = {
             "curvature": curv,
@@ -372,6 +387,7 @@ class _Search:
                       "pilot_draws": self.pilot_draws, "seconds": self.probe.seconds,
                       "gradient_evaluations": self.probe.gradient_evaluations},
             "length": {"chains": FINAL_CHAINS, "draws": draws, "seconds_per_chain_step": per_step,
+                       "seconds_per_run": overhead,
                        "seconds_left": seconds_left, "rule": "as many draws as the time budget leaves"},
             "pilot_seconds": self.pilot_seconds,
             "seconds": time.perf_counter() - t0,

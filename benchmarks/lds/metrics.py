@@ -73,3 +73,13 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, retrained: torch.Tensor) -> L
         return LDS(float("nan"), float("nan"), rho)
     se = float(ok.std(unbiased=True) / ok.numel() ** 0.5) if ok.numel() > 1 else float("nan")
     return LDS(float(ok.mean()), se, rho)
+
+
+def subset(score: LDS, keep: torch.Tensor) -> LDS:
+    """The LDS over the queries ``keep`` (bool ``[n_query]``) only: the mean and s.e. of their correlations."""
+    rho = score.per_query[keep.to(score.per_query.device)]
+    ok = rho[~rho.isnan()]
+    if ok.numel() == 0:
+        return LDS(float("nan"), float("nan"), rho)
+    se = float(ok.std(unbiased=True) / ok.numel() ** 0.5) if ok.numel() > 1 else float("nan")
+    return LDS(float(ok.mean()), se, rho)

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.lds.ground_truth import ground_truth
 from benchmarks.lds.methods import Attribution, bif, bif_kinetic, exact_if, graddot, gradsim
-from benchmarks.lds.metrics import lds
+from benchmarks.lds.metrics import lds, subset
 from benchmarks.lds.settings import SETTINGS, Setting
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +74,23 @@ def run_setting(name: str, methods: list[str], rebuild: bool, log=print) -> list
             log(f"{name:8s} {att.method:34s} LDS {score}  {att.seconds:8.1f} s  {att.grad_evals:10.3g} grad evals")
             results.append((att, score))
     return results
+
+
+def learned_split(setting: Setting, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The queries the model has learned (loss at w* at most the median query loss) and the rest."""
+    with torch.no_grad():
+        losses = setting.loss_fn(model, (setting.x_query, setting.y_query)).double()
+    learned = losses <= losses.median()
+    return {"learned": learned, "unlearned": ~learned}
+
+
+def split_table(name: str, results, split: dict[str, torch.Tensor]) -> str:
+    """Each method's LDS over the learned and the unlearned queries of ``name``."""
+    lines = [f"| method | LDS, learned queries ({int(split['learned'].sum())}) | "
+             f"LDS, unlearned queries ({int(split['unlearned'].sum())}) |", "| --- | --- | --- |"]  # fmt: skip
+    for att, score in results:
+        lines.append(f"| {att.method} | {subset(score, split['learned'])} | {subset(score, split['unlearned'])} |")
+    return "\n".join(lines)
 
 
 def _rows(name: str, results) -> list[dict]:
@@ -166,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             plot(name, all_results[name], HERE / f"lds_{name}.png")
     text = table(all_results)
     print(text)
+    if "lm" in all_results:
+        setting = SETTINGS["lm"]()
+        split = learned_split(setting, _reference_model(setting, ground_truth(setting)))
+        split_text = split_table("lm", all_results["lm"], split)
+        print("\nlm, queries split by the model's loss at w* (learned: at most the median)\n" + split_text)
+        if not args.no_record and len(args.methods.split(",")) >= 3:
+            (HERE / "lm_split.md").write_text(split_text + "\n")
     if not args.no_record:
         from benchmarks.utils import write_rows
 
