@@ -93,9 +93,8 @@ def compute_bif(
         calibrated = calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=sampled,
                                          backend=backend)  # fmt: skip
         config, mass = calibrated.config, calibrated.mass
-    if (config.batch_size == "full" or config.control_variate) and sgld_data is not None:
-        raise ValueError("batch_size='full' and control_variate take their gradients (at w*) from train itself; "
-                         "pass sgld_data=None")  # fmt: skip
+    if config.batch_size == "full" and sgld_data is not None:
+        raise ValueError("batch_size='full' takes its gradients from train itself; pass sgld_data=None")
     sgld_source = check_sgld_data(train if sgld_data is None else sgld_data)
     out = run_bif(model, sampled, train, query, loss_fn=loss_fn, config=config, per_token=per_token,
                   sgld_source=sgld_source, backend=backend, mass=mass)  # fmt: skip

@@ -144,7 +144,8 @@ class BIFConfig:
             "minibatch gradients with a control variate at w*, g_b(w) - g_b(w*) + g(w*) (Baker et al. 2019): unbiased, "
             "with a noise that vanishes at w* (plain minibatch noise grows like nbeta / batch_size against the "
             "injected noise); costs one full-batch gradient at the start and a second minibatch gradient (at w*) "
-            "per step. Needs an int batch_size and minibatches drawn from train (sgld_data None)"
+            "per step. Needs an int batch_size; the full gradient is over sgld_data (a Dataset or DataLoader, "
+            "streamed once) or train"
         ),
     )
     eval_batch_size: int = field(default=256, metadata=_help("batch size of the loss evaluations"))

@@ -116,6 +116,21 @@ def test_control_variate_keeps_the_closed_form_bif_where_plain_minibatches_lose_
     assert err(plain.bif) > 10 * err(cv.bif), (err(plain.bif), err(cv.bif))
 
 
+def test_control_variate_over_a_larger_sgld_data_is_the_full_gradient_of_that_data():
+    """With sgld_data (a larger corpus than the evaluated train set) the full gradient at w* is over sgld_data:
+    on the location model the chains are then the full-batch chains of that corpus, so the BIF rows of the
+    train subset equal those of a full-batch run whose train set is the whole corpus."""
+    model, corpus = _location(n=41)
+    train = TensorDataset(corpus.tensors[0][:9])
+    query = TensorDataset(corpus.tensors[0][30:])
+    sgld = SGLDConfig(lr=2e-3, nbeta=500.0, localization=50.0)
+    cfg = BIFConfig(sgld=sgld, num_chains=2, num_draws=60, batch_size=7, control_variate=True, seed=1)
+    cv = compute_bif(model, train, query, loss_fn=_loc_loss, config=cfg, sgld_data=corpus)
+    full = compute_bif(model, corpus, query, loss_fn=_loc_loss, config=dataclasses.replace(
+        cfg, batch_size="full", control_variate=False))  # fmt: skip
+    assert torch.allclose(cv.bif, full.bif[:9], rtol=1e-8, atol=1e-10 * float(full.bif.abs().max()))
+
+
 def test_control_variate_settings_are_validated():
     model, data = _location()
     with pytest.raises(ValueError, match="control_variate"):
@@ -124,5 +139,11 @@ def test_control_variate_settings_are_validated():
         BIFConfig(control_variate=1)
     cfg = BIFConfig(sgld=SGLDConfig(lr=1e-3, nbeta=10.0), num_chains=1, num_draws=4, batch_size=4,
                     control_variate=True)  # fmt: skip
-    with pytest.raises(ValueError, match="sgld_data"):
-        compute_bif(model, data, data, loss_fn=_loc_loss, config=cfg, sgld_data=data)
+
+    class Streams:
+        def minibatches(self, chain):
+            while True:
+                yield data[:4]
+
+    with pytest.raises(ValueError, match="whole SGLD data"):
+        compute_bif(model, data, data, loss_fn=_loc_loss, config=cfg, sgld_data=Streams())

@@ -21,7 +21,7 @@ from bif_fast.config import BIFConfig
 from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
 from bif_fast.engine.control_variate import ControlVariate
-from bif_fast.engine.data import eval_batches, first_item, token_capped_batch_size
+from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
@@ -80,8 +80,8 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
         size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
         checks = [(s.batches, s.units, s.at_w_star) for s in sides]
-        control = _control_variate(model, state, sampled, loss_fn, sides[0].batches, per_token) \
-            if config.control_variate else None
+        control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
+                                   config, device), per_token) if config.control_variate else None  # fmt: skip
         chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
         pool = Pool(n, p, device, cov_dtype, config)
         reuse = full is not None and state.modes_agree
@@ -94,7 +94,20 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
     return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
 
 
-def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches: list, per_token: bool):
+def _source_batches(sgld_source: Any, train: Any, train_side: EvalSet, config: BIFConfig, device: torch.device):
+    """The SGLD data in evaluation batches, for the control variate's full gradient at w*: train's own batches,
+    or the source's streamed once (a large corpus is never held whole)."""
+    if sgld_source is train:
+        return train_side.batches
+    if isinstance(sgld_source, ChainMinibatches):
+        raise ValueError("control_variate needs the whole SGLD data for its gradient at w*: sgld_data must be a "
+                         "Dataset or a DataLoader, not per-chain minibatch streams")  # fmt: skip
+    loader = sgld_source if isinstance(sgld_source, DataLoader) else DataLoader(sgld_source,
+                                                                                batch_size=config.eval_batch_size)
+    return (to_device(b, device) for b in loader)
+
+
+def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches, per_token: bool):
     """The control variate at w*: its full-batch gradient in the model's own mode (the mode of the steps)."""
     state.own_mode()
     dtype = torch.float64 if sampled[0].dtype == torch.float64 else torch.float32
