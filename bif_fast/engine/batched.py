@@ -28,7 +28,7 @@ from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.data import leading_dims
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_steps_
-from bif_fast.engine.units import LossModule, full_batch_term
+from bif_fast.engine.units import LossModule, full_batch_term, loss_module_names
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["ChainBatch"]
@@ -56,13 +56,7 @@ class ChainBatch:
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"batched chains need one parameter dtype, got {sorted(map(str, dtypes))}")
-        names = {}
-        for name, p in model.named_parameters():
-            names.setdefault(id(p), name)
-        missing = [i for i, p in enumerate(params) if id(p) not in names]
-        if missing:
-            raise ValueError(f"sampled parameters {missing} are not parameters of the model")
-        self.names = ["model." + names[id(p)] for p in params]
+        self.names = loss_module_names(model, params)
         self.shapes = [tuple(p.shape) for p in params]
         self.starts, total = [], 0
         for p in params:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bif_fast.engine.data import leading_dims
-from bif_fast.engine.units import LossModule
+from bif_fast.engine.units import LossModule, loss_module_names
 
 __all__ = ["ControlVariate"]
 
@@ -38,16 +38,10 @@ class ControlVariate:
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn, per_token: bool,
                  full_gradient: torch.Tensor):  # fmt: skip
-        names = {}
-        for name, p in model.named_parameters():
-            names.setdefault(id(p), "model." + name)
-        missing = [i for i, p in enumerate(params) if id(p) not in names]
-        if missing:
-            raise ValueError(f"sampled parameters {missing} are not parameters of the model")
+        self.names = loss_module_names(model, params)
         numel = sum(p.numel() for p in params)
         if full_gradient.numel() != numel:
             raise ValueError(f"the full gradient has {full_gradient.numel()} elements, the parameters {numel}")
-        self.names = [names[id(p)] for p in params]
         self.anchor = {n: p.detach().clone() for n, p in zip(self.names, params, strict=True)}
         # float64 weights keep float64 corrections; anything else gets float32 (the sampler's precision)
         self.dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32

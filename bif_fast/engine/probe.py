@@ -114,30 +114,30 @@ def _correlations(pred: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-30)
 
 
+def _predictions(bif: torch.Tensor, probe: RefitProbe) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[K, p]`` the BIF's predicted change of each query unit per re-fit, and the observed change."""
+    pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)
+    return pred, probe.delta.to(torch.float64)
+
+
 def probe_score(bif: torch.Tensor, probe: RefitProbe) -> float:
     """Mean over query units of the Spearman correlation across re-fits between the BIF's prediction
     and the observed change of the query loss."""
-    return _score(bif, probe)
+    return float(_correlations(*_predictions(bif, probe)).mean())
 
 
 def probe_score_and_se(bif: torch.Tensor, probe: RefitProbe) -> tuple[float, float]:
     """``probe_score`` and its jackknife standard error over the re-fits (each left out in turn): how far the
     score could move with other random halves. The query units share the re-fits, so their correlations are
     not independent and the spread over units would understate it."""
-    return _score(bif, probe), jackknife_se(probe_loo_scores(bif, probe))
-
-
-def _score(bif: torch.Tensor, probe: RefitProbe) -> float:
-    pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)  # [K, p]
-    return float(_correlations(pred, probe.delta.to(torch.float64)).mean())
+    return probe_score(bif, probe), jackknife_se(probe_loo_scores(bif, probe))
 
 
 def probe_loo_scores(bif: torch.Tensor, probe: RefitProbe) -> torch.Tensor:
     """``[K]`` the probe score with re-fit k left out, for each k (empty with fewer than 4 re-fits). Two
     candidates' left-out scores, differenced, give the jackknife error of their difference: the re-fits
     are shared, so a difference is known far better than either score."""
-    pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)
-    delta = probe.delta.to(torch.float64)
+    pred, delta = _predictions(bif, probe)
     k = pred.shape[0]
     if k < 4:
         return torch.empty(0, dtype=torch.float64)

@@ -20,7 +20,8 @@ import torch
 
 from bif_fast.engine.data import batch_len
 
-__all__ = ["LossModule", "Units", "check_loss", "evaluate", "full_batch_term", "loss_and_mask", "minibatch_loss"]
+__all__ = ["LossModule", "Units", "check_loss", "evaluate", "full_batch_term", "loss_and_mask", "loss_module_names",
+           "minibatch_loss"]
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -153,3 +154,18 @@ class LossModule(torch.nn.Module):
         if with_mask:
             return out, mask
         return minibatch_loss(out, mask, self.per_token) if minibatch else out
+
+
+def loss_module_names(model: torch.nn.Module, params) -> list[str]:
+    """The names of ``params`` as ``LossModule(model, ...)`` knows them (for ``functional_call``).
+
+    Raises:
+        ValueError: a parameter that is not part of ``model``.
+    """
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), "model." + name)
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"sampled parameters {missing} are not parameters of the model")
+    return [names[id(p)] for p in params]
