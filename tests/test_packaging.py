@@ -52,3 +52,18 @@ def test_readme_python_examples_run(tmp_path):
     assert len(blocks) >= 4
     for code in blocks:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_every_subpackage_is_installed():
+    """A regular (non-editable) install ships every package under bif_fast/, not only those an editable
+    install happens to find on the path."""
+    from setuptools import find_packages
+
+    tree = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "bif_fast").rglob("__init__.py")}
+    tree = {t for t in tree if "__pycache__" not in t}
+    text = (ROOT / "pyproject.toml").read_text()
+    include = re.search(r"\[tool\.setuptools\.packages\.find\]\ninclude = \[(.*?)\]", text)
+    assert include, "pyproject.toml must find the packages (a hand-kept list misses new subpackages)"
+    patterns = [s.strip().strip('"') for s in include.group(1).split(",")]
+    found = set(find_packages(str(ROOT), include=patterns))
+    assert tree <= found, sorted(tree - found)
