@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bif_fast._backend import Backend
-from bif_fast.calibration import calibrate_with_mass
+from bif_fast.calibration import Calibrated, calibrate_with_mass
 from bif_fast.config import BIFConfig
 from bif_fast.engine.data import check_eval_data, check_sgld_data
+from bif_fast.engine.distributed import Ranks
 from bif_fast.engine.run import run_bif
 from bif_fast.engine.units import LossFn
 from bif_fast.result import BIFError, BIFResult
@@ -90,8 +91,14 @@ def compute_bif(
         if sgld_data is not None:
             raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
                              "config to sample with sgld_data")  # fmt: skip
-        calibrated = calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=sampled,
-                                         backend=backend)  # fmt: skip
+        device = sampled[0].device
+        # In a process group rank 0 calibrates and every rank samples with its choice (the lengths come
+        # from timings, which differ between ranks).
+        calibrated = Ranks.current().from_root(
+            lambda: calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=sampled,
+                                        backend=backend),
+            to_wire=lambda c: Calibrated(c.config, None if c.mass is None else c.mass.to(torch.device("cpu"))),
+            from_wire=lambda c: Calibrated(c.config, None if c.mass is None else c.mass.to(device)))  # fmt: skip
         config, mass = calibrated.config, calibrated.mass
     if config.batch_size == "full" and sgld_data is not None:
         raise ValueError("batch_size='full' takes its gradients from train itself; pass sgld_data=None")

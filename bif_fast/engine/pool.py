@@ -19,6 +19,7 @@ import logging
 import torch
 
 from bif_fast.config import BIFConfig
+from bif_fast.engine.distributed import Ranks
 from bif_fast.ops import RunningCrossCovariance
 
 __all__ = ["Pool"]
@@ -43,6 +44,7 @@ class Pool:
         self.stderr_on = config.compute_stderr and config.num_chains > 1
         self.m2 = torch.zeros(n, p, device=device, dtype=dtype) if self.stderr_on else None
         self.means: list[tuple[torch.Tensor, torch.Tensor]] = []  # per chain in the stderr: (mean_x, mean_y)
+        self.mean_chains: list[int] = []  # which chain each entry of ``means`` is
         self.k: int | None = None
         self.diverged = [False] * config.num_chains
         self.escaped: dict[int, str] = {}  # chains left out for leaving w*'s basin, and why
@@ -82,6 +84,7 @@ class Pool:
             self._drop_stderr(f"chain {c} has {acc.count} draws")
         if self.stderr_on:
             self.means.append(acc.means())
+            self.mean_chains.append(c)
             self.k = acc.count
         self.pooled.merge(acc)
         if self.stderr_on and len(self.means) >= 2:
@@ -100,7 +103,7 @@ class Pool:
 
     def _drop_stderr(self, why: str) -> None:
         logger.warning("bif_fast: no standard error (%s; batch means need >= 2 draws, the same in every chain)", why)
-        self.stderr_on, self.m2, self.means = False, None, []
+        self.stderr_on, self.m2, self.means, self.mean_chains = False, None, [], []
 
     def release_chain_accumulators(self) -> None:
         """Free the per-chain accumulators (the outputs are built with only the pool alive)."""
@@ -126,3 +129,78 @@ class Pool:
         count = self.pooled.count
         bif = self.pooled.take_comoment().div_(count - 1).mul_(-scale)
         return bif, bif_normalized, stderr
+
+    # -- many processes --------------------------------------------------------------------------------
+
+    def merge_ranks(self, ranks: Ranks) -> None:
+        """Make this pool the pool of every rank's chains, on every rank (rank r ran ``ranks.chains``).
+
+        Chan's merge over ranks: the float64 counts, means and sums of squares are merged from every rank's
+        copy (the same arithmetic on every rank, so the ranks agree bit for bit); the ``n x p`` co-moment is
+        the sum of the ranks' plus the scatter of their means about the grand mean (rank < world), reduced
+        once. The standard error's ``m2`` (the chains' covariances about their mean) merges the same way,
+        with the ranks' mean covariances read off their pools; a second ``n x p`` reduction."""
+        if not ranks.active:
+            return
+        state = self.pooled.state_dict()
+        vecs = ("mean_x", "mean_y", "m2_x", "m2_y")
+        parts = ranks.all_gather({
+            "count": self.pooled.count, "vecs": [state[v].cpu() for v in vecs], "survivors": self.survivors,
+            "diverged": [c for c, d in enumerate(self.diverged) if d], "escaped": self.escaped, "k": self.k,
+            "stderr_on": self.stderr_on, "means": [(c, mx.cpu(), my.cpu()) for c, (mx, my) in
+                                                   zip(self.mean_chains, self.means, strict=True)]})  # fmt: skip
+        counts = [part["count"] for part in parts]
+        total = sum(counts)
+        grand = [sum(cnt * part["vecs"][i] for cnt, part in zip(counts, parts, strict=True)) / max(total, 1)
+                 for i in (0, 1)]  # fmt: skip
+        m2 = [sum(part["vecs"][i] + cnt * (part["vecs"][i - 2] - grand[i - 2]).square()
+                  for cnt, part in zip(counts, parts, strict=True)) for i in (2, 3)]  # fmt: skip
+        stderr = self._merge_stderr_plan(parts)
+        spread = self._mean_covariance() if stderr and self.means else None  # this rank's, before the merge
+        mine = counts[ranks.rank]
+        if mine:
+            dx, dy = ((state[v] - g.to(self.device)).to(self.dtype) for v, g in zip(vecs[:2], grand, strict=True))
+            state["comoment"].addr_(dx, dy, alpha=float(mine))
+        ranks.all_reduce_(state["comoment"])
+        if stderr:
+            self._merge_m2(ranks, parts, spread, grand, state["comoment"])
+        merged = {v: t.to(self.device) for v, t in zip(vecs, grand + m2, strict=True)}
+        self.pooled.load_state_dict({"n": self.n, "p": self.p, "count": total, "comoment": state["comoment"], **merged})
+        self.diverged = [any(c in part["diverged"] for part in parts) for c in range(self.num_chains)]
+        self.escaped = {c: why for part in parts for c, why in part["escaped"].items()}
+        self.survivors = sum(part["survivors"] for part in parts)
+
+    def _merge_stderr_plan(self, parts: list[dict]) -> bool:
+        """Whether the merged pool keeps a standard error (every rank kept one, with one draw count)."""
+        if not self.stderr_on and not any(part["stderr_on"] for part in parts):
+            return False
+        ks = {part["k"] for part in parts if part["means"]}
+        if all(part["stderr_on"] for part in parts) and len(ks) <= 1:
+            return True
+        if self.stderr_on:
+            self._drop_stderr("the ranks' chains differ in draws, or a rank dropped its standard error")
+        return False
+
+    def _mean_covariance(self) -> torch.Tensor:
+        """This pool's mean of its chains' covariances, ``[n, p]`` (a new matrix)."""
+        k, m = self.k, len(self.means)
+        mx = torch.stack([x for x, _ in self.means])
+        my = torch.stack([y for _, y in self.means])
+        dx, dy = (mx - mx.mean(0)).to(self.dtype), (my - my.mean(0)).to(self.dtype)
+        return self.pooled.comoment.clone().addmm_(dx.T, dy, alpha=-k).div_((k - 1) * m)
+
+    def _merge_m2(self, ranks: Ranks, parts: list[dict], spread: torch.Tensor | None, grand: list[torch.Tensor],
+                  comoment: torch.Tensor) -> None:  # fmt: skip
+        """``m2`` of all chains: the ranks' own plus ``m_r (mean_r - mean)^2``, summed over the ranks."""
+        chains = sorted((c, mx, my) for part in parts for c, mx, my in part["means"])
+        k, m = next(part["k"] for part in parts if part["means"]), len(chains)
+        self.means = [(mx.to(self.device), my.to(self.device)) for _, mx, my in chains]
+        self.mean_chains, self.k = [c for c, _, _ in chains], k
+        mine = len(parts[ranks.rank]["means"])
+        if spread is not None and m >= 2:
+            dx = torch.stack([x for x, _ in self.means]).sub_(grand[0].to(self.device)).to(self.dtype)
+            dy = torch.stack([y for _, y in self.means]).sub_(grand[1].to(self.device)).to(self.dtype)
+            spread.sub_(comoment, alpha=1.0 / ((k - 1) * m)).addmm_(dx.T, dy, alpha=k / ((k - 1) * m))
+            self.m2.addcmul_(spread, spread, value=float(mine))
+        del spread
+        ranks.all_reduce_(self.m2)

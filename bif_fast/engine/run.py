@@ -22,6 +22,7 @@ from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
+from bif_fast.engine.distributed import Ranks
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
@@ -61,37 +62,90 @@ class RunOutput:
 def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any, query: Any, *, loss_fn: LossFn,
             config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend,
             mass: LowRankMass | None = None) -> RunOutput:  # fmt: skip
-    """Sample the chains and pool their draws; the model is left exactly as it was."""
+    """Sample the chains and pool their draws; the model is left exactly as it was.
+
+    Inside a process group each rank samples its own chains (``engine.distributed``) and every rank returns
+    the pool of all of them. The ranks meet at three points, each reached by every rank even when one
+    failed: after the evaluation sets, at the mass (computed on rank 0), and before the merge."""
     t_start = time.perf_counter()
     device = sampled[0].device
+    ranks = Ranks.current()
     with ModelState(model, sampled) as state:
         state.eval_mode()
-        sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
-                 for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
-        # Losses are kept in float64 when loss_fn gives float64, else float32.
-        loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
-        cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
-        n, p = sides[0].units.n, sides[1].units.n
-        full = FullBatch(sides[0].batches, n) if config.batch_size == "full" else None
+        error, sides = None, None
+        try:
+            sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
+                     for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
+        except Exception as e:  # every rank learns of it below, then raises
+            error = e
+        ranks.raise_if_any_failed(error)
         if config.sgld.mass == "curvature" and mass is None:
-            mass = curvature_mass_at_w_star(model, sampled, loss_fn, sides[0].batches, config.sgld, per_token,
-                                            seed=config.seed)  # fmt: skip
-        opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
-        rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
-        size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
-        checks = [(s.batches, s.units, s.at_w_star) for s in sides]
-        control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
-                                   config, device), per_token) if config.control_variate else None  # fmt: skip
-        chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
-        pool = Pool(n, p, device, cov_dtype, config)
-        reuse = full is not None and state.modes_agree
-        traces = _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse)
-        diagnostics = _diagnostics(sides, pool, traces, config, opt, chains, cov_dtype, t_start)
-        diagnostics["forward_reuse"] = reuse
-        if pool.pooled.count < 2:
-            raise BIFError(f"every chain diverged ({sum(pool.diverged)} of {config.num_chains}); no BIF", diagnostics)
-        bif, bif_normalized, stderr = pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
+            mass = ranks.from_root(lambda: curvature_mass_at_w_star(model, sampled, loss_fn, sides[0].batches,
+                                                                    config.sgld, per_token, seed=config.seed),
+                                   to_wire=lambda m: m.to(torch.device("cpu")), from_wire=lambda m: m.to(device))
+        run = None
+        try:
+            run = _sample(model, state, sampled, train, sides, loss_fn, config, per_token, sgld_source, backend,
+                          mass, ranks)  # fmt: skip
+        except Exception as e:
+            error = e
+        ranks.raise_if_any_failed(error)
+        run.pool.merge_ranks(ranks)
+        _merge_traces(run.traces, ranks, config.num_chains)
+        diagnostics = _diagnostics(sides, run.pool, run.traces, config, run.opt, run.chains, run.pool.dtype, t_start)
+        diagnostics["forward_reuse"] = run.reuse
+        diagnostics["world_size"] = ranks.world
+        if run.pool.pooled.count < 2:
+            raise BIFError(f"every chain diverged ({sum(run.pool.diverged)} of {config.num_chains}); no BIF",
+                           diagnostics)  # fmt: skip
+        bif, bif_normalized, stderr = run.pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
     return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
+
+
+@dataclass
+class _Sampled:
+    opt: SGLD
+    chains: Chains
+    pool: Pool
+    traces: _Traces
+    reuse: bool
+
+
+def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet], loss_fn: LossFn,
+            config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend, mass: LowRankMass | None,
+            ranks: Ranks) -> _Sampled:  # fmt: skip
+    """This rank's chains, drawn into its pool."""
+    device = sampled[0].device
+    # Losses are kept in float64 when loss_fn gives float64, else float32.
+    loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
+    cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
+    n, p = sides[0].units.n, sides[1].units.n
+    full = FullBatch(sides[0].batches, n) if config.batch_size == "full" else None
+    opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
+    rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
+    size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
+    checks = [(s.batches, s.units, s.at_w_star) for s in sides]
+    control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
+                               config, device), per_token) if config.control_variate else None  # fmt: skip
+    chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
+    pool = Pool(n, p, device, cov_dtype, config)
+    reuse = full is not None and state.modes_agree
+    traces = _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse, ranks.chains(config.num_chains))
+    return _Sampled(opt, chains, pool, traces, reuse)
+
+
+def _merge_traces(traces: _Traces, ranks: Ranks, num_chains: int) -> None:
+    """Every rank's rows of the per-chain traces, on every rank."""
+    if not ranks.active:
+        return
+    mine = ranks.chains(num_chains)
+    parts = ranks.all_gather({c: (traces.mean_train_loss[c].cpu(), traces.distance[c].cpu(), traces.seconds[c])
+                              for c in mine})  # fmt: skip
+    for part in parts:
+        for c, (loss, dist, seconds) in part.items():
+            traces.mean_train_loss[c] = loss.to(traces.mean_train_loss.device)
+            traces.distance[c] = dist.to(traces.distance.device)
+            traces.seconds[c] = seconds
 
 
 def _source_batches(sgld_source: Any, train: Any, train_side: EvalSet, config: BIFConfig, device: torch.device):
@@ -157,9 +211,9 @@ class _Traces:
 
 
 def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
-               device: torch.device, reuse: bool) -> _Traces:  # fmt: skip
-    """Every chain's draws into its accumulator, k at a time; each chain is folded into the pool at its end.
-    ``reuse``: the training losses of a draw come from the forward of the full-batch step that follows it.
+               device: torch.device, reuse: bool, mine: list[int]) -> _Traces:  # fmt: skip
+    """Chains ``mine``'s draws into their accumulators, k at a time; each chain is folded into the pool at its
+    end. ``reuse``: the training losses of a draw come from the forward of the full-batch step that follows it.
 
     With ``estimator="lag1"`` the accumulator gets the sums of consecutive draws (one fewer per chain): a
     quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
@@ -171,9 +225,9 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
     pairs = _Pairs(bufs) if config.estimator == "lag1" else None
     bar = _progress(config)
     typical: list[tuple[float, float]] = []  # the kept chains' (level, spread) of their training-loss rise
-    for first in range(0, num_chains, chains.size):
-        ids = list(range(first, min(num_chains, first + chains.size)))
-        c, rows, t_group = len(ids), slice(ids[0], ids[-1] + 1), time.perf_counter()
+    for first in range(0, len(mine), chains.size):
+        ids = mine[first : first + chains.size]
+        c, rows, t_group = len(ids), ids, time.perf_counter()
         accs = pool.chain_accumulators(c)
         chains.reset(ids)
         chains.steps(config.num_burnin_steps)
@@ -197,8 +251,8 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
             chains.steps(steps)
             if bar is not None:
                 bar.update(c)
-        traces.mean_train_loss[rows] = torch.stack(means, 1)
-        traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5)
+        traces.mean_train_loss[rows] = torch.stack(means, 1).to(traces.mean_train_loss.dtype)
+        traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5).to(traces.distance.dtype)
         escapes = escaped_chains(traces.mean_train_loss[rows], float(sides[0].at_w_star.mean()),
                                  config.max_excursion, typical)  # fmt: skip
         for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):

@@ -1,0 +1,107 @@
+"""Chains on many processes: which rank runs which chain, agreement on a rank-0 value, and failures.
+
+Inside an initialised default process group (``torch.distributed.is_initialized()``) ``compute_bif`` runs
+chain ``c`` on rank ``c % world_size``. A chain is the same chain wherever it runs (its Philox noise is
+keyed by ``(seed, c)``, its minibatch stream by ``c``), so the union of the ranks' chains is the chain set
+of one process, and ``Pool.merge_ranks`` merges their accumulators exactly (Chan's merge).
+
+Collectives are only entered where every rank arrives: a rank that raises while sampling keeps its
+exception until the next agreement point (``raise_if_any_failed``), where every rank learns of it and
+raises, instead of the healthy ranks waiting forever in a reduction the failed one never joins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["RankFailure", "Ranks"]
+
+T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """Raised on the other ranks when one rank of a distributed ``compute_bif`` failed (``rank`` is its rank)."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """This process's place in the default process group (rank 0 of 1 outside one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def chains(self, num_chains: int) -> list[int]:
+        """The global chain indices this rank runs: ``c % world == rank``."""
+        return [c for c in range(num_chains) if c % self.world == self.rank]
+
+    def raise_if_any_failed(self, error: BaseException | None) -> None:
+        """Every rank reports whether it failed; if any did, every rank raises (the failed one its own
+        exception, the others a ``RankFailure`` naming the lowest failed rank and its error)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        status = None if error is None else f"{type(error).__name__}: {error}"
+        statuses: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(statuses, status)
+        if error is not None:
+            raise error
+        failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+        if failed:
+            r, why = failed[0]
+            raise RankFailure(f"bif_fast: rank {r} of {self.world} failed ({why}); no BIF on any rank", r)
+
+    def from_root(self, fn: Callable[[], T], to_wire: Callable[[T], Any] = lambda v: v,
+                  from_wire: Callable[[Any], T] = lambda v: v) -> T:  # fmt: skip
+        """``fn()`` run on rank 0 and given to every rank (the others wait), so that every rank uses the
+        same value (e.g. a calibration, whose lengths come from timings). ``to_wire`` / ``from_wire``
+        move the value to and from something picklable on the CPU. An error on rank 0 is raised on every rank."""
+        if not self.active:
+            return fn()
+        payload: list[Any] = [None]
+        error = None
+        if self.rank == 0:
+            try:
+                payload[0] = ("ok", to_wire(fn()))
+            except Exception as e:  # handed to every rank, then re-raised here
+                error, payload[0] = e, ("error", f"{type(e).__name__}: {e}")
+        torch.distributed.broadcast_object_list(payload, src=0)
+        if error is not None:
+            raise error
+        kind, value = payload[0]
+        if kind == "error":
+            raise RankFailure(f"bif_fast: rank 0 of {self.world} failed ({value}); no BIF on any rank", 0)
+        return from_wire(value)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable, small), in rank order."""
+        if not self.active:
+            return [value]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place."""
+        if self.active:
+            torch.distributed.all_reduce(tensor)
+        return tensor

@@ -1,0 +1,171 @@
+"""compute_bif inside a torch.distributed process group: 2 and 3 gloo processes on loopback against one.
+
+Each case spawns ``world`` processes that join a gloo group (file rendezvous in the test's tmp dir), call
+``compute_bif`` with the same arguments, and write what they got; the parent runs the same call alone and
+compares. Chains are split by global index (``c % world``), so the ranks run different numbers of chains
+(5 chains over 2 or 3 ranks) and a rank's pool is merged with others that hold different counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from bif_fast import BIFConfig, SGLDConfig, compute_bif
+
+CHAINS = 5
+TIMEOUT_S = 120
+
+
+def _problem(case: str):
+    g = torch.Generator().manual_seed(7)
+    if case.startswith("token"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        x, y = torch.randn(9, 6, 3, generator=g), torch.randn(9, 6, generator=g)
+        train, query = TensorDataset(x[:6], y[:6]), TensorDataset(x[6:], y[6:])
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+        x, y = torch.randn(37, 3, generator=g), torch.randn(37, generator=g)
+        train, query = TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, train, query
+
+
+def _loss(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(-1) - y).square()
+
+
+def _config(case: str) -> BIFConfig:
+    if case.endswith("mass"):  # BAOAB with the curvature mass (computed on rank 0, broadcast), full batch
+        sgld = SGLDConfig(lr=0.02, nbeta=50.0, localization=20.0, sampler="baoab", friction=5.0,
+                          mass="curvature", mass_rank=3)  # fmt: skip
+        return BIFConfig(sgld=sgld, num_chains=CHAINS, num_draws=30, batch_size="full", seed=3, chain_batch=2)
+    sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=20.0)
+    # One chain at a time, so that loss_fn's calls count the chains a rank ran.
+    return BIFConfig(sgld=sgld, num_chains=CHAINS, num_draws=30, num_steps_bw_draws=2, batch_size=8, seed=3,
+                     chain_batch=1)  # fmt: skip
+
+
+class _CountingLoss:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        return _loss(model, batch)
+
+
+class _FailingLoss:
+    """``_loss`` that raises on rank ``rank`` at its ``at``-th call (a crash mid-run on one rank only)."""
+
+    def __init__(self, rank: int, at: int):
+        self.rank, self.at, self.calls = rank, at, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if torch.distributed.get_rank() == self.rank and self.calls >= self.at:
+            raise FloatingPointError(f"boom on rank {self.rank}")
+        return _loss(model, batch)
+
+
+def _worker(rank: int, world: int, tmp: str, case: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                                         world_size=world)  # fmt: skip
+    out: dict = {}
+    try:
+        model, train, query = _problem(case)
+        loss_fn = _CountingLoss()
+        if case.startswith("fail"):
+            loss_fn = _FailingLoss(rank=1, at=40) if case == "fail_sampling" else _FailingLoss(rank=world - 1, at=1)
+        res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
+                          per_token=case.startswith("token"))  # fmt: skip
+        res.save(Path(tmp) / f"rank{rank}")
+        out = {"ok": True, "loss_calls": loss_fn.calls}
+    except Exception as e:
+        out = {"ok": False, "type": type(e).__name__, "message": str(e), "rank": getattr(e, "rank", None)}
+    finally:
+        torch.distributed.destroy_process_group()
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def _spawn(tmp_path: Path, world: int, case: str) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path), case), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s (a rank waiting in a collective?)")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", ["sample", "token", "sample_mass"])
+def test_every_rank_returns_the_single_process_result(tmp_path, world, case):
+    from bif_fast import BIFResult
+
+    torch.set_num_threads(1)
+    model, train, query = _problem(case)
+    counting = _CountingLoss()
+    alone = compute_bif(model, train, query, loss_fn=counting, config=_config(case), per_token=case == "token")
+    statuses = _spawn(tmp_path, world, case)
+    assert all(s["ok"] for s in statuses), statuses
+    if alone.diagnostics["chain_batch"] == 1:  # each rank ran its share of the chains (rank 0: ceil(5 / world))
+        assert max(s["loss_calls"] for s in statuses) < 0.75 * counting.calls, (statuses, counting.calls)
+    scale = alone.bif.abs().max()
+    for rank in range(world):
+        got = BIFResult.load(tmp_path / f"rank{rank}")
+        assert got.diagnostics["world_size"] == world
+        assert got.diagnostics["num_draws_used"] == alone.diagnostics["num_draws_used"] == CHAINS * 30
+        assert got.diagnostics["num_chains_used"] == CHAINS
+        torch.testing.assert_close(got.bif, alone.bif, rtol=1e-4, atol=1e-5 * float(scale))
+        torch.testing.assert_close(got.bif_normalized, alone.bif_normalized, rtol=1e-4, atol=1e-5)
+        assert got.stderr is not None and alone.stderr is not None
+        torch.testing.assert_close(got.stderr, alone.stderr, rtol=1e-3, atol=1e-5 * float(scale))
+        # Every chain's trace arrived, from whichever rank ran it.
+        torch.testing.assert_close(torch.tensor(got.diagnostics["chain_mean_train_loss"]),
+                                   torch.tensor(alone.diagnostics["chain_mean_train_loss"]), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+        if case == "token":
+            assert torch.equal(got.train_index, alone.train_index)
+
+
+@pytest.mark.parametrize("case", ["fail_sampling", "fail_setup"])
+def test_a_failing_rank_fails_every_rank_with_its_error(tmp_path, case):
+    world = 3
+    statuses = _spawn(tmp_path, world, case)
+    failed = 1 if case == "fail_sampling" else world - 1
+    assert statuses[failed]["type"] == "FloatingPointError" and f"boom on rank {failed}" in statuses[failed]["message"]
+    for rank in range(world):
+        if rank != failed:
+            assert statuses[rank]["type"] == "RankFailure", statuses[rank]
+            assert statuses[rank]["rank"] == failed
+            assert f"rank {failed} of {world} failed" in statuses[rank]["message"]
+            assert "boom" in statuses[rank]["message"]
+        assert not (tmp_path / f"rank{rank}").exists()  # nothing half-written
+
+
+def test_outside_a_process_group_nothing_changes():
+    from bif_fast.engine.distributed import Ranks
+
+    assert not torch.distributed.is_initialized()
+    ranks = Ranks.current()
+    assert (ranks.rank, ranks.world, ranks.active) == (0, 1, False)
+    assert ranks.chains(4) == [0, 1, 2, 3]
+    assert Ranks(1, 3).chains(7) == [1, 4]
+    with pytest.raises(KeyError):
+        ranks.raise_if_any_failed(KeyError("x"))
+    ranks.raise_if_any_failed(None)
+    assert ranks.from_root(lambda: 5) == 5
