@@ -6,6 +6,7 @@ This module validates the call and wraps the result; the chain machinery is in `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from bif_fast._backend import Backend
 from bif_fast.calibration import Calibrated, calibrate_with_mass
 from bif_fast.config import BIFConfig
+from bif_fast.engine.checkpoint import Checkpoint, run_identity
 from bif_fast.engine.data import check_eval_data, check_sgld_data
 from bif_fast.engine.distributed import Ranks
 from bif_fast.engine.run import run_bif
@@ -35,6 +37,7 @@ def compute_bif(
     sgld_data: Any = None,
     params: Sequence[torch.Tensor] | None = None,
     backend: Backend = "auto",
+    checkpoint: str | os.PathLike | None = None,
 ) -> BIFResult:
     """Local BIF between every training unit and every query unit (paper Algorithm 1).
 
@@ -59,6 +62,14 @@ def compute_bif(
         params (Sequence[Tensor] | None): parameters to sample; the rest stay at w*. Default: all
             parameters with ``requires_grad``.
         backend (str): sampler backend (``auto`` | ``triton`` | ``ext`` | ``torch``).
+        checkpoint (str | PathLike | None): a directory for a resumable run (``bif_fast.engine.checkpoint``):
+            the state is written atomically after every finished group of chains, the same call resumes from
+            it and returns exactly the uninterrupted result, and once finished returns the stored result at
+            once. A checkpoint of another config, model or data is refused (``ValueError``). Default: None.
+
+    Inside an initialised ``torch.distributed`` default process group (e.g. under ``torchrun``), chain c runs
+    on rank ``c % world_size`` and every rank returns the full result, equal to one process's
+    (``bif_fast.engine.distributed``); rank 0 calibrates for all.
 
     Returns:
         BIFResult.
@@ -86,15 +97,22 @@ def compute_bif(
         raise ValueError("no parameters to sample (pass params= or set requires_grad)")
     check_eval_data(train, "train")
     check_eval_data(query, "query")
-    mass = None
+    if config is None and sgld_data is not None:
+        raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
+                         "config to sample with sgld_data")  # fmt: skip
+    device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, ranks, run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
+                                                          config=None if config is None else config.to_dict()))
+        done = ckpt.agreed_result(device)
+        if done is not None:
+            return done
+        if config is None:  # a calibrated run resumes with the config and mass it chose
+            config, mass = ckpt.calibrated(device)
     if config is None:
-        if sgld_data is not None:
-            raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
-                             "config to sample with sgld_data")  # fmt: skip
-        device = sampled[0].device
         # In a process group rank 0 calibrates and every rank samples with its choice (the lengths come
         # from timings, which differ between ranks).
-        calibrated = Ranks.current().from_root(
+        calibrated = ranks.from_root(
             lambda: calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=sampled,
                                         backend=backend),
             to_wire=lambda c: Calibrated(c.config, None if c.mass is None else c.mass.to(torch.device("cpu"))),
@@ -104,10 +122,10 @@ def compute_bif(
         raise ValueError("batch_size='full' takes its gradients from train itself; pass sgld_data=None")
     sgld_source = check_sgld_data(train if sgld_data is None else sgld_data)
     out = run_bif(model, sampled, train, query, loss_fn=loss_fn, config=config, per_token=per_token,
-                  sgld_source=sgld_source, backend=backend, mass=mass)  # fmt: skip
+                  sgld_source=sgld_source, backend=backend, mass=mass, checkpoint=ckpt)  # fmt: skip
     if config.calibration is not None:
         out.diagnostics["calibration"] = config.calibration
-    return BIFResult(
+    res = BIFResult(
         bif=out.bif,
         bif_normalized=out.bif_normalized,
         stderr=out.stderr,
@@ -117,3 +135,6 @@ def compute_bif(
         train_index=out.train_index,
         query_index=out.query_index,
     )
+    if ckpt is not None:
+        ckpt.write_result(res)
+    return res

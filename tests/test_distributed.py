@@ -86,15 +86,20 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
         loss_fn = _CountingLoss()
         if case.startswith("fail"):
             loss_fn = _FailingLoss(rank=1, at=40) if case == "fail_sampling" else _FailingLoss(rank=world - 1, at=1)
+        elif case == "ckpt_fail":  # rank 1 fails in its second chain, after its first was written
+            loss_fn = _FailingLoss(rank=1, at=200)
+        elif case == "ckpt_done":  # a finished run: nothing may be evaluated again
+            loss_fn = _FailingLoss(rank=rank, at=1)
+        checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
         res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
-                          per_token=case.startswith("token"))  # fmt: skip
-        res.save(Path(tmp) / f"rank{rank}")
+                          per_token=case.startswith("token"), checkpoint=checkpoint)  # fmt: skip
+        res.save(Path(tmp) / f"{case}-rank{rank}")
         out = {"ok": True, "loss_calls": loss_fn.calls}
     except Exception as e:
         out = {"ok": False, "type": type(e).__name__, "message": str(e), "rank": getattr(e, "rank", None)}
     finally:
         torch.distributed.destroy_process_group()
-    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+    (Path(tmp) / f"{case}-rank{rank}.json").write_text(json.dumps(out))
 
 
 def _spawn(tmp_path: Path, world: int, case: str) -> list[dict]:
@@ -108,7 +113,7 @@ def _spawn(tmp_path: Path, world: int, case: str) -> list[dict]:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s (a rank waiting in a collective?)")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -126,7 +131,7 @@ def test_every_rank_returns_the_single_process_result(tmp_path, world, case):
         assert max(s["loss_calls"] for s in statuses) < 0.75 * counting.calls, (statuses, counting.calls)
     scale = alone.bif.abs().max()
     for rank in range(world):
-        got = BIFResult.load(tmp_path / f"rank{rank}")
+        got = BIFResult.load(tmp_path / f"{case}-rank{rank}")
         assert got.diagnostics["world_size"] == world
         assert got.diagnostics["num_draws_used"] == alone.diagnostics["num_draws_used"] == CHAINS * 30
         assert got.diagnostics["num_chains_used"] == CHAINS
@@ -154,7 +159,32 @@ def test_a_failing_rank_fails_every_rank_with_its_error(tmp_path, case):
             assert statuses[rank]["rank"] == failed
             assert f"rank {failed} of {world} failed" in statuses[rank]["message"]
             assert "boom" in statuses[rank]["message"]
-        assert not (tmp_path / f"rank{rank}").exists()  # nothing half-written
+        assert not (tmp_path / f"{case}-rank{rank}").exists()  # nothing half-written
+
+
+def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
+    from bif_fast import BIFResult
+
+    torch.set_num_threads(1)
+    world = 2
+    model, train, query = _problem("sample")
+    alone = compute_bif(model, train, query, loss_fn=_loss, config=_config("sample"))
+    failed = _spawn(tmp_path, world, "ckpt_fail")
+    assert [s["ok"] for s in failed] == [False, False] and failed[0]["type"] == "RankFailure"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["state-rank0-of-2.safetensors",
+                                                                   "state-rank1-of-2.safetensors"]  # fmt: skip
+    resumed = _spawn(tmp_path, world, "ckpt")
+    assert all(s["ok"] for s in resumed), resumed
+    assert resumed[0]["loss_calls"] < 10  # rank 0 had finished its chains: it only set up and merged
+    for rank in range(world):
+        got = BIFResult.load(tmp_path / f"ckpt-rank{rank}")
+        torch.testing.assert_close(got.bif, alone.bif, rtol=1e-4, atol=1e-5 * float(alone.bif.abs().max()))
+        torch.testing.assert_close(got.stderr, alone.stderr, rtol=1e-3, atol=1e-5 * float(alone.bif.abs().max()))
+    done = _spawn(tmp_path, world, "ckpt_done")
+    assert all(s["ok"] and s["loss_calls"] == 0 for s in done), done
+    for rank in range(world):
+        assert torch.equal(BIFResult.load(tmp_path / f"ckpt_done-rank{rank}").bif,
+                           BIFResult.load(tmp_path / "ckpt-rank0").bif)  # fmt: skip
 
 
 def test_outside_a_process_group_nothing_changes():

@@ -204,3 +204,33 @@ class Pool:
             self.m2.addcmul_(spread, spread, value=float(mine))
         del spread
         ranks.all_reduce_(self.m2)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The pool as tensors (live references) and a JSON-able record, for a checkpoint."""
+        acc = self.pooled.state_dict()
+        tensors = {f"pool.{k}": acc[k] for k in ("comoment", "mean_x", "mean_y", "m2_x", "m2_y")}
+        if self.m2 is not None:
+            tensors["pool.m2"] = self.m2
+        if self.means:
+            tensors["pool.chain_mean_x"] = torch.stack([x for x, _ in self.means])
+            tensors["pool.chain_mean_y"] = torch.stack([y for _, y in self.means])
+        record = {"count": self.pooled.count, "k": self.k, "stderr_on": self.stderr_on, "survivors": self.survivors,
+                  "mean_chains": self.mean_chains, "diverged": self.diverged,
+                  "escaped": {str(c): why for c, why in self.escaped.items()}}  # fmt: skip
+        return tensors, record
+
+    def restore(self, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """Put back a state from ``state`` (copied onto this pool's device and dtypes)."""
+        acc = {k: tensors[f"pool.{k}"] for k in ("comoment", "mean_x", "mean_y", "m2_x", "m2_y")}
+        self.pooled.load_state_dict({"n": self.n, "p": self.p, "count": record["count"], **acc})
+        self.stderr_on, self.k, self.survivors = record["stderr_on"], record["k"], record["survivors"]
+        self.m2 = tensors["pool.m2"].to(self.device, self.dtype) if self.stderr_on else None
+        self.mean_chains = list(record["mean_chains"])
+        self.means = []
+        if self.mean_chains:
+            mx, my = (tensors[f"pool.chain_mean_{s}"].to(self.device) for s in ("x", "y"))
+            self.means = list(zip(mx.unbind(0), my.unbind(0), strict=True))
+        self.diverged = list(record["diverged"])
+        self.escaped = {int(c): why for c, why in record["escaped"].items()}

@@ -20,6 +20,7 @@ from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
 from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
+from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
 from bif_fast.engine.distributed import Ranks
@@ -61,8 +62,9 @@ class RunOutput:
 
 def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any, query: Any, *, loss_fn: LossFn,
             config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend,
-            mass: LowRankMass | None = None) -> RunOutput:  # fmt: skip
-    """Sample the chains and pool their draws; the model is left exactly as it was.
+            mass: LowRankMass | None = None, checkpoint: Checkpoint | None = None) -> RunOutput:  # fmt: skip
+    """Sample the chains and pool their draws; the model is left exactly as it was. With ``checkpoint`` the
+    state is written after every finished group of chains and a stored state is resumed.
 
     Inside a process group each rank samples its own chains (``engine.distributed``) and every rank returns
     the pool of all of them. The ranks meet at three points, each reached by every rank even when one
@@ -72,21 +74,26 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
     ranks = Ranks.current()
     with ModelState(model, sampled) as state:
         state.eval_mode()
-        error, sides = None, None
+        error, sides, restored = None, None, None
         try:
             sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
                      for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
+            restored = None if checkpoint is None else _restore(checkpoint, config, sides)
         except Exception as e:  # every rank learns of it below, then raises
             error = e
         ranks.raise_if_any_failed(error)
+        if restored is not None and "mass.basis" in restored.tensors:
+            mass = LowRankMass(restored.tensors["mass.basis"].to(device), restored.tensors["mass.scale"].to(device),
+                               restored.meta["mass_a_ref"])  # fmt: skip
         if config.sgld.mass == "curvature" and mass is None:
             mass = ranks.from_root(lambda: curvature_mass_at_w_star(model, sampled, loss_fn, sides[0].batches,
                                                                     config.sgld, per_token, seed=config.seed),
                                    to_wire=lambda m: m.to(torch.device("cpu")), from_wire=lambda m: m.to(device))
         run = None
         try:
+            saver = None if checkpoint is None else _Saver(checkpoint, config, mass, sides)
             run = _sample(model, state, sampled, train, sides, loss_fn, config, per_token, sgld_source, backend,
-                          mass, ranks)  # fmt: skip
+                          mass, ranks, restored, saver)  # fmt: skip
         except Exception as e:
             error = e
         ranks.raise_if_any_failed(error)
@@ -113,8 +120,8 @@ class _Sampled:
 
 def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet], loss_fn: LossFn,
             config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend, mass: LowRankMass | None,
-            ranks: Ranks) -> _Sampled:  # fmt: skip
-    """This rank's chains, drawn into its pool."""
+            ranks: Ranks, restored: Restored | None, saver: _Saver | None) -> _Sampled:  # fmt: skip
+    """This rank's chains not finished yet, drawn into its pool (restored from ``restored``)."""
     device = sampled[0].device
     # Losses are kept in float64 when loss_fn gives float64, else float32.
     loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
@@ -130,7 +137,14 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
     pool = Pool(n, p, device, cov_dtype, config)
     reuse = full is not None and state.modes_agree
-    traces = _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse, ranks.chains(config.num_chains))
+    traces = _Traces.empty(config, device)
+    if restored is not None:
+        pool.restore(restored.tensors, restored.meta["pool"])
+        traces.restore(restored)
+    if saver is not None:
+        saver(pool, traces)  # before the first chain: the config and mass this run samples with
+    mine = [c for c in ranks.chains(config.num_chains) if c not in traces.finished]
+    _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse, mine, traces, saver)
     return _Sampled(opt, chains, pool, traces, reuse)
 
 
@@ -205,26 +219,80 @@ def _eval_batch_size(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_t
 
 @dataclass
 class _Traces:
+    """Per chain of the run: the traces of the finished ones, and what the escape check has seen."""
+
     mean_train_loss: torch.Tensor  # [chains, draws]
     distance: torch.Tensor  # [chains, draws] rms distance from w*
     seconds: list[float]
+    typical: list[tuple[float, float]]  # the kept chains' (level, spread) of their training-loss rise
+    finished: list[int]  # this rank's finished chains, in the order they finished
+
+    @classmethod
+    def empty(cls, config: BIFConfig, device: torch.device) -> _Traces:
+        shape = (config.num_chains, config.num_draws)
+        return cls(torch.full(shape, float("nan"), device=device), torch.full(shape, float("nan"), device=device),
+                   [0.0] * config.num_chains, [], [])  # fmt: skip
+
+    def restore(self, restored: Restored) -> None:
+        self.mean_train_loss.copy_(restored.tensors["traces.mean_train_loss"])
+        self.distance.copy_(restored.tensors["traces.distance"])
+        record = restored.meta["traces"]
+        self.seconds = list(record["seconds"])
+        self.typical = [tuple(t) for t in record["typical"]]
+        self.finished = list(record["finished"])
+
+
+class _Saver:
+    """Writes this rank's state: the pool, the traces, the config and the mass the run samples with."""
+
+    def __init__(self, checkpoint: Checkpoint, config: BIFConfig, mass: LowRankMass | None, sides: list[EvalSet]):
+        self.checkpoint = checkpoint
+        self.meta: dict[str, Any] = {"config": config.to_dict(), "n": sides[0].units.n, "p": sides[1].units.n}
+        self.fixed: dict[str, torch.Tensor] = {}
+        if mass is not None:
+            self.fixed = {"mass.basis": mass.basis, "mass.scale": mass.scale}
+            self.meta["mass_a_ref"] = mass.a_ref
+
+    def __call__(self, pool: Pool, traces: _Traces) -> None:
+        tensors, record = pool.state()
+        tensors.update(self.fixed, **{"traces.mean_train_loss": traces.mean_train_loss,
+                                      "traces.distance": traces.distance})  # fmt: skip
+        meta = dict(self.meta, pool=record, traces={"seconds": traces.seconds, "typical": traces.typical,
+                                                    "finished": traces.finished})  # fmt: skip
+        self.checkpoint.write(tensors, meta)
+
+
+def _restore(checkpoint: Checkpoint, config: BIFConfig, sides: list[EvalSet]) -> Restored | None:
+    """This rank's stored state, if it is this run's: the same config (the calibrated one included) and units."""
+    restored = checkpoint.read()
+    if restored is None:
+        return None
+    skip = ("progress", "calibration")
+    stored = {k: v for k, v in restored.meta["config"].items() if k not in skip}
+    current = json_normal(config.to_dict())
+    diffs = [f"config.{k}: checkpoint {stored.get(k)!r}, this call {v!r}" for k, v in current.items()
+             if k not in skip and stored.get(k) != v]  # fmt: skip
+    units = (restored.meta["n"], restored.meta["p"]), (sides[0].units.n, sides[1].units.n)
+    if units[0] != units[1]:
+        diffs.append(f"units (train, query): checkpoint {units[0]}, this call {units[1]}")
+    if diffs:
+        raise ValueError(f"checkpoint {checkpoint.state_file} was written by a different run: " + "; ".join(diffs))
+    return restored
 
 
 def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
-               device: torch.device, reuse: bool, mine: list[int]) -> _Traces:  # fmt: skip
+               device: torch.device, reuse: bool, mine: list[int], traces: _Traces,
+               saver: _Saver | None) -> None:  # fmt: skip
     """Chains ``mine``'s draws into their accumulators, k at a time; each chain is folded into the pool at its
     end. ``reuse``: the training losses of a draw come from the forward of the full-batch step that follows it.
 
     With ``estimator="lag1"`` the accumulator gets the sums of consecutive draws (one fewer per chain): a
     quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
-    num_chains, num_draws = config.num_chains, config.num_draws
-    traces = _Traces(torch.full((num_chains, num_draws), float("nan"), device=device),
-                     torch.full((num_chains, num_draws), float("nan"), device=device), [0.0] * num_chains)  # fmt: skip
+    num_draws = config.num_draws
     k = min(config.draws_per_update, num_draws)
     bufs = [torch.empty(k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
     pairs = _Pairs(bufs) if config.estimator == "lag1" else None
     bar = _progress(config)
-    typical: list[tuple[float, float]] = []  # the kept chains' (level, spread) of their training-loss rise
     for first in range(0, len(mine), chains.size):
         ids = mine[first : first + chains.size]
         c, rows, t_group = len(ids), ids, time.perf_counter()
@@ -254,13 +322,15 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
         traces.mean_train_loss[rows] = torch.stack(means, 1).to(traces.mean_train_loss.dtype)
         traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5).to(traces.distance.dtype)
         escapes = escaped_chains(traces.mean_train_loss[rows], float(sides[0].at_w_star.mean()),
-                                 config.max_excursion, typical)  # fmt: skip
+                                 config.max_excursion, traces.typical)  # fmt: skip
         for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
             pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
+        traces.finished += ids
+        if saver is not None:
+            saver(pool, traces)
     if bar is not None:
         bar.close()
-    return traces
 
 
 def escaped_chains(mean_train_loss: torch.Tensor, at_w_star: float, factor: float | None,
