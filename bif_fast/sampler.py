@@ -255,6 +255,35 @@ class SGLD(torch.optim.Optimizer):
         self.diverged_flag.zero_()
         self._init_state()
 
+    def sampler_state(self) -> dict[str, torch.Tensor]:
+        """The chain's position mid-run (live references): each dtype segment's weights, fp32 master and
+        sampler state, the divergence flag and the step counter (which keys the noise of the next step)."""
+        out = {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64), "diverged": self.diverged_flag}
+        for i, seg in enumerate(self._segments):
+            out[f"seg{i}.param"] = seg.flat_param
+            if seg.master is not seg.flat_param:
+                out[f"seg{i}.master"] = seg.master
+            if seg.state is not None:
+                out[f"seg{i}.state"] = seg.state
+        return out
+
+    @torch.no_grad()
+    def load_sampler_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue a chain from ``sampler_state()`` (of this optimizer's chain and shapes).
+
+        Raises:
+            ValueError: a buffer is missing or has another shape.
+        """
+        current = self.sampler_state()
+        for name, dst in current.items():
+            src = state.get(name)
+            if src is None or src.shape != dst.shape:
+                raise ValueError(f"sampler state {name!r}: expected shape {list(dst.shape)}, got "
+                                 f"{None if src is None else list(src.shape)}")  # fmt: skip
+            if name != "num_steps":
+                dst.copy_(src)
+        self.num_steps = int(state["num_steps"])
+
     def distance(self) -> torch.Tensor:
         """``||w - w*||`` over the sampled parameters (fp32 masters), a 0-d tensor read without a host sync."""
         segs = self._segments

@@ -76,6 +76,34 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     _assert_same(whole, stored)
 
 
+@pytest.mark.parametrize("case", ["sample", "token", "sample_mass", "lag1"])
+def test_a_run_killed_inside_a_chain_resumes_there_exactly(tmp_path, monkeypatch, case):
+    """With writes inside chains (every accumulator update here), a crash in the middle of the first group of
+    chains resumes from that draw: sampler state, minibatch stream, accumulators and traces so far."""
+    monkeypatch.setenv("BIF_FAST_CHECKPOINT_SECONDS", "0")
+    model, train, query = _problem(case)
+    config = BIFConfig(**{**_config(case).__dict__, "draws_per_update": 4})  # a write every 4 draws
+    if case == "lag1":
+        config = BIFConfig(**{**config.__dict__, "estimator": "lag1", "num_steps_bw_draws": 1})
+    per_token = case == "token"
+    counted = _Crash()
+    whole = compute_bif(model, train, query, loss_fn=counted, config=config, per_token=per_token)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        # Inside the first group of chains (the mass's Lanczos calls loss_fn before the chains start).
+        at = counted.calls // (3 if case == "sample_mass" else 12)
+        compute_bif(model, train, query, loss_fn=_Crash(at=at), config=config, per_token=per_token,
+                    checkpoint=tmp_path)  # fmt: skip
+    state = _state(tmp_path)
+    assert state["traces"]["finished"] == [] and 0 < state["running"]["next_draw"] < config.num_draws, state
+    again = _Crash()
+    resumed = compute_bif(model, train, query, loss_fn=again, config=config, per_token=per_token,
+                          checkpoint=tmp_path)  # fmt: skip
+    _assert_same(whole, resumed)
+    assert again.calls < counted.calls
+    assert torch.equal(torch.tensor(resumed.diagnostics["rms_distance_from_w_star"]),
+                       torch.tensor(whole.diagnostics["rms_distance_from_w_star"]))  # fmt: skip
+
+
 def test_a_checkpoint_of_another_run_is_refused_naming_the_difference(tmp_path):
     model, train, query = _problem("sample")
     with pytest.raises(RuntimeError):

@@ -192,6 +192,34 @@ class ChainBatch:
                 )  # fmt: skip
         self.num_steps += 1
 
+    def sampler_state(self) -> dict[str, torch.Tensor]:
+        """The running chains' position (live references, rows ``[: c]``): weights, fp32 master, sampler
+        state, divergence flags, and the step counter that keys the next step's noise."""
+        c = self.c
+        out = {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64), "param": self.param.detach()[:c],
+               "diverged": self.diverged_flags[:c]}  # fmt: skip
+        if self.master is not self.param:
+            out["master"] = self.master[:c]
+        if self.state is not None:
+            out["state"] = self.state[:c]
+        return out
+
+    def load_sampler_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue the running chains from ``sampler_state()``.
+
+        Raises:
+            ValueError: a buffer is missing or has another shape.
+        """
+        with torch.no_grad():
+            for name, dst in self.sampler_state().items():
+                src = state.get(name)
+                if src is None or src.shape != dst.shape:
+                    raise ValueError(f"sampler state {name!r}: expected shape {list(dst.shape)}, got "
+                                     f"{None if src is None else list(src.shape)}")  # fmt: skip
+                if name != "num_steps":
+                    dst.copy_(src)
+        self.num_steps = int(state["num_steps"])
+
     def distance(self) -> torch.Tensor:
         """``[C]`` ||w - w*|| of each chain (no sync)."""
         with torch.no_grad():

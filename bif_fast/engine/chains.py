@@ -56,6 +56,13 @@ class Chains(Protocol):
     def diverged(self) -> list[bool]:
         """Which chains produced a NaN/Inf weight (one host read)."""
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Where the running chains are (a checkpoint mid-chain): sampler state and the model's buffers."""
+
+    def resume(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Continue the chains just ``reset`` from ``snapshot``: the sampler state, the buffers, and each
+        minibatch stream advanced past the batches the steps so far consumed."""
+
 
 class _Run:
     """What both implementations share: the model's state, the loss, and the minibatch source."""
@@ -67,10 +74,22 @@ class _Run:
         self.config, self.device, self.per_token, self.full = config, device, per_token, full
         self.control = control
 
-    def minibatches(self, chain: int):
+    def minibatches(self, chain: int, skip: int = 0):
+        """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""
         if self.full is not None:
             return iter(())
-        return sgld_batches(self.sgld_source, self.config.batch_size, self.config.seed, chain, self.device)
+        stream = sgld_batches(self.sgld_source, self.config.batch_size, self.config.seed, chain, self.device)
+        for _ in range(skip):
+            next(stream)
+        return stream
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {f"buffer.{name}": b for name, b in self.model.named_buffers()}
+
+    def load_buffers(self, snapshot: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, b in self.buffers().items():
+                b.copy_(snapshot[name])
 
 
 class FullBatch:
@@ -135,6 +154,14 @@ class SequentialChains:
     def diverged(self) -> list[bool]:
         return [self.opt.diverged]
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {**{f"opt.{k}": v for k, v in self.opt.sampler_state().items()}, **self.run.buffers()}
+
+    def resume(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.opt.load_sampler_state({k[4:]: v for k, v in snapshot.items() if k.startswith("opt.")})
+        self.run.load_buffers(snapshot)
+        self._batches = self.run.minibatches(self.opt.chain, skip=self.opt.num_steps)
+
 
 class BatchedChains:
     """Up to ``size`` chains at once through a ``ChainBatch``."""
@@ -178,6 +205,14 @@ class BatchedChains:
 
     def diverged(self) -> list[bool]:
         return self.batch.diverged()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {**{f"batch.{k}": v for k, v in self.batch.sampler_state().items()}, **self.run.buffers()}
+
+    def resume(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.batch.load_sampler_state({k[6:]: v for k, v in snapshot.items() if k.startswith("batch.")})
+        self.run.load_buffers(snapshot)
+        self._batches = [self.run.minibatches(c, skip=self.batch.num_steps) for c in self.batch.chains]
 
 
 # Auto chain batching. On a GPU: models of at most _AUTO_BATCH_MAX_PARAMS sampled parameters, as many

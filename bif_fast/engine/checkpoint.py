@@ -5,13 +5,18 @@ merged accumulators of its finished chains, the standard error's state), its fin
 escape statistics, the mass, and in the safetensors header a JSON record of what made it (the format,
 the bif_fast version, the config, the sampled parameters' shapes, dtypes and checksums, the data sizes,
 the world size) and a SHA-256 of every tensor. The file is rewritten after every finished group of
-chains: written to a temporary name, flushed to disk, then renamed over the old one, so a kill at any
-moment leaves either the previous state or the new one, never a mixture. The finished run's result goes
+chains and, inside a group, after an accumulator update once ``Checkpoint.interval_s`` (300 s) have
+passed since the last write; such a write also holds the running chains: their weights, sampler state and
+step counter (which keys their noise), the model's buffers, their accumulators and traces so far, and
+(by the step count) where their minibatch streams are. Every write goes to a temporary name, is flushed
+to disk, then renamed over the old file, so a kill at any moment leaves either the previous state or the
+new one, never a mixture. The finished run's result goes
 to ``PATH/result/`` the same way (a temporary directory renamed), written by rank 0.
 
-Resuming restores the pool's float64 state bit for bit and runs the chains not yet finished with the
-same keys (noise by ``(seed, chain, step)``, minibatches by chain), so the result equals an uninterrupted
-run's on the same backend. A state written for another config, model or data is refused with a
+Resuming restores the pool's float64 state bit for bit, continues a running group from its last draw
+and runs the chains not yet started with the same keys (noise by ``(seed, chain, step)``, minibatches by
+chain, replayed past the batches already used), so the result equals an uninterrupted run's on the same
+backend. A state written for another config, model or data is refused with a
 ``ValueError`` naming every difference; a truncated or altered file with a ``ValueError`` saying it is
 damaged. Neither ever starts afresh silently.
 """
@@ -91,7 +96,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(list(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -116,13 +121,19 @@ class Restored:
 
 
 class Checkpoint:
-    """One run's checkpoint directory, as seen from one rank."""
+    """One run's checkpoint directory, as seen from one rank.
+
+    Attributes:
+        interval_s (float): seconds between writes inside a chain (between groups of chains a write follows
+            every group). Default 300, or the environment's ``BIF_FAST_CHECKPOINT_SECONDS``.
+    """
 
     def __init__(self, path: str | os.PathLike, ranks: Ranks, identity: dict[str, Any]):
         self.dir = Path(path)
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"checkpoint {self.dir} exists and is not a directory")
         self.ranks, self.identity = ranks, identity
+        self.interval_s = float(os.environ.get("BIF_FAST_CHECKPOINT_SECONDS", "300"))
 
     @property
     def state_file(self) -> Path:

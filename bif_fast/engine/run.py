@@ -144,7 +144,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     if saver is not None:
         saver(pool, traces)  # before the first chain: the config and mass this run samples with
     mine = [c for c in ranks.chains(config.num_chains) if c not in traces.finished]
-    _draw_loop(chains, pool, sides, config, loss_dtype, device, reuse, mine, traces, saver)
+    _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver).run(mine, restored)
     return _Sampled(opt, chains, pool, traces, reuse)
 
 
@@ -246,20 +246,29 @@ class _Saver:
     """Writes this rank's state: the pool, the traces, the config and the mass the run samples with."""
 
     def __init__(self, checkpoint: Checkpoint, config: BIFConfig, mass: LowRankMass | None, sides: list[EvalSet]):
-        self.checkpoint = checkpoint
+        self.checkpoint, self.last = checkpoint, time.monotonic()
         self.meta: dict[str, Any] = {"config": config.to_dict(), "n": sides[0].units.n, "p": sides[1].units.n}
         self.fixed: dict[str, torch.Tensor] = {}
         if mass is not None:
             self.fixed = {"mass.basis": mass.basis, "mass.scale": mass.scale}
             self.meta["mass_a_ref"] = mass.a_ref
 
-    def __call__(self, pool: Pool, traces: _Traces) -> None:
+    def due(self) -> bool:
+        """Whether a write inside a chain is due (``Checkpoint.interval_s`` since the last one)."""
+        return time.monotonic() - self.last >= self.checkpoint.interval_s
+
+    def __call__(self, pool: Pool, traces: _Traces, running: tuple[dict, dict] | None = None) -> None:
+        """Write the state; ``running``: the group in progress (``_DrawLoop._snapshot``), else none is."""
         tensors, record = pool.state()
         tensors.update(self.fixed, **{"traces.mean_train_loss": traces.mean_train_loss,
                                       "traces.distance": traces.distance})  # fmt: skip
         meta = dict(self.meta, pool=record, traces={"seconds": traces.seconds, "typical": traces.typical,
                                                     "finished": traces.finished})  # fmt: skip
+        if running is not None:
+            tensors.update(running[0])
+            meta["running"] = running[1]
         self.checkpoint.write(tensors, meta)
+        self.last = time.monotonic()
 
 
 def _restore(checkpoint: Checkpoint, config: BIFConfig, sides: list[EvalSet]) -> Restored | None:
@@ -280,30 +289,48 @@ def _restore(checkpoint: Checkpoint, config: BIFConfig, sides: list[EvalSet]) ->
     return restored
 
 
-def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
-               device: torch.device, reuse: bool, mine: list[int], traces: _Traces,
-               saver: _Saver | None) -> None:  # fmt: skip
-    """Chains ``mine``'s draws into their accumulators, k at a time; each chain is folded into the pool at its
-    end. ``reuse``: the training losses of a draw come from the forward of the full-batch step that follows it.
+class _DrawLoop:
+    """This rank's chains' draws into their accumulators, k at a time; each chain is folded into the pool at
+    its end. ``reuse``: the training losses of a draw come from the forward of the full-batch step that
+    follows it. With a ``saver`` the state is written after every group of chains and, inside a group, after
+    an accumulator update once ``saver.due()`` (the chains' sampler state and accumulators with it), so a
+    long chain resumes where it was.
 
     With ``estimator="lag1"`` the accumulator gets the sums of consecutive draws (one fewer per chain): a
     quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
-    num_draws = config.num_draws
-    k = min(config.draws_per_update, num_draws)
-    bufs = [torch.empty(k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
-    pairs = _Pairs(bufs) if config.estimator == "lag1" else None
-    bar = _progress(config)
-    for first in range(0, len(mine), chains.size):
-        ids = mine[first : first + chains.size]
-        c, rows, t_group = len(ids), ids, time.perf_counter()
-        accs = pool.chain_accumulators(c)
+
+    def __init__(self, chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
+                 device: torch.device, reuse: bool, traces: _Traces, saver: _Saver | None):  # fmt: skip
+        self.chains, self.pool, self.sides, self.config, self.reuse = chains, pool, sides, config, reuse
+        self.traces, self.saver, self.device = traces, saver, device
+        self.k = min(config.draws_per_update, config.num_draws)
+        self.bufs = [torch.empty(self.k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
+        self.pairs = _Pairs(self.bufs) if config.estimator == "lag1" else None
+
+    def run(self, mine: list[int], restored: Restored | None) -> None:
+        running = None if restored is None else restored.meta.get("running")
+        bar = _progress(self.config)
+        for first in range(0, len(mine), self.chains.size):
+            ids = mine[first : first + self.chains.size]
+            self._group(ids, restored if running is not None and running["ids"] == ids else None, bar)
+        if bar is not None:
+            bar.close()
+
+    def _group(self, ids: list[int], resume: Restored | None, bar) -> None:
+        chains, sides, bufs, config = self.chains, self.sides, self.bufs, self.config
+        c, num_draws = len(ids), config.num_draws
+        accs = self.pool.chain_accumulators(c)
         chains.reset(ids)
-        chains.steps(config.num_burnin_steps)
-        filled, dists, means = 0, [], []
-        for d in range(num_draws):
+        if resume is None:
+            chains.steps(config.num_burnin_steps)
+            start, dists, means, elapsed = 0, [], [], 0.0
+        else:
+            start, dists, means, elapsed = self._resume(resume, accs)
+        t_group, filled = time.perf_counter() - elapsed, 0
+        for d in range(start, num_draws):
             dists.append(chains.distance())
             steps = config.num_steps_bw_draws if d < num_draws - 1 else 0
-            if reuse and steps:  # the step's full-batch forward gives the training losses at this draw
+            if self.reuse and steps:  # the step's full-batch forward gives the training losses at this draw
                 sides[1].units.gather_rows(chains.evaluate(sides[1].batches), out=bufs[1][filled, :c])
                 sides[0].units.gather_rows(chains.step_with_losses(), out=bufs[0][filled, :c])
                 steps -= 1
@@ -311,26 +338,57 @@ def _draw_loop(chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConf
                 for s, buf in zip(sides, bufs, strict=True):
                     s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
             means.append(bufs[0][filled, :c].mean(1))
-            filled += 1 if pairs is None else pairs.pair(filled, c, first_draw=d == 0)
-            if filled == k or (d == num_draws - 1 and filled > 0):
+            filled += 1 if self.pairs is None else self.pairs.pair(filled, c, first_draw=d == 0)
+            if filled == self.k or (d == num_draws - 1 and filled > 0):
                 for i in range(c):
                     accs[i].update(bufs[0][:filled, i], bufs[1][:filled, i], check_finite=False)
                 filled = 0
             chains.steps(steps)
             if bar is not None:
                 bar.update(c)
+            if filled == 0 and d < num_draws - 1 and self.saver is not None and self.saver.due():
+                running = self._snapshot(ids, d + 1, accs, dists, means, time.perf_counter() - t_group)
+                self.saver(self.pool, self.traces, running)
+        self._finish(ids, accs, dists, means, t_group)
+
+    def _finish(self, ids: list[int], accs: list, dists: list, means: list, t_group: float) -> None:
+        traces, rows = self.traces, ids
         traces.mean_train_loss[rows] = torch.stack(means, 1).to(traces.mean_train_loss.dtype)
-        traces.distance[rows] = torch.stack(dists, 1).div_(max(chains.numel, 1) ** 0.5).to(traces.distance.dtype)
-        escapes = escaped_chains(traces.mean_train_loss[rows], float(sides[0].at_w_star.mean()),
-                                 config.max_excursion, traces.typical)  # fmt: skip
-        for i, (chain, flag) in enumerate(zip(ids, chains.diverged(), strict=True)):
+        traces.distance[rows] = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5).to(traces.distance.dtype)
+        escapes = escaped_chains(traces.mean_train_loss[rows], float(self.sides[0].at_w_star.mean()),
+                                 self.config.max_excursion, traces.typical)  # fmt: skip
+        for i, (chain, flag) in enumerate(zip(ids, self.chains.diverged(), strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
-            pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
+            self.pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
         traces.finished += ids
-        if saver is not None:
-            saver(pool, traces)
-    if bar is not None:
-        bar.close()
+        if self.saver is not None:
+            self.saver(self.pool, traces)
+
+    def _snapshot(self, ids: list[int], next_draw: int, accs: list, dists: list, means: list,
+                  seconds: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+        """The running group, between two draws: its chains, accumulators, traces so far (and lag-1 pairs)."""
+        tensors = {f"run.chain.{k}": v for k, v in self.chains.snapshot().items()}
+        for i, acc in enumerate(accs):
+            tensors.update({f"run.acc{i}.{k}": v for k, v in acc.state_dict().items() if isinstance(v, torch.Tensor)})
+        tensors["run.dists"], tensors["run.means"] = torch.stack(dists, 1), torch.stack(means, 1)
+        if self.pairs is not None:
+            tensors.update({f"run.prev{j}": prev[: len(ids)] for j, prev in enumerate(self.pairs.prev)})
+        record = {"ids": ids, "next_draw": next_draw, "counts": [acc.count for acc in accs], "seconds": seconds}
+        return tensors, record
+
+    def _resume(self, restored: Restored, accs: list) -> tuple[int, list, list, float]:
+        t, record = restored.tensors, restored.meta["running"]
+        self.chains.resume({k.removeprefix("run.chain."): v for k, v in t.items() if k.startswith("run.chain.")})
+        for i, acc in enumerate(accs):
+            keys = ("comoment", "mean_x", "mean_y", "m2_x", "m2_y")
+            acc.load_state_dict({"n": acc.n, "p": acc.p, "count": record["counts"][i],
+                                 **{k: t[f"run.acc{i}.{k}"] for k in keys}})  # fmt: skip
+        if self.pairs is not None:
+            for j, prev in enumerate(self.pairs.prev):
+                prev[: len(accs)].copy_(t[f"run.prev{j}"])
+        dists = list(t["run.dists"].to(self.device).unbind(1))
+        means = list(t["run.means"].to(self.device).unbind(1))
+        return record["next_draw"], dists, means, record["seconds"]
 
 
 def escaped_chains(mean_train_loss: torch.Tensor, at_w_star: float, factor: float | None,
