@@ -530,7 +530,8 @@ def test_pool_stderr_is_the_spread_of_the_per_chain_covariances(dtype):
 
 def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch):
     """Peak memory: by the time the n x p outputs are built, every per-chain accumulator has been freed
-    (the result takes over the pooled co-moment, plus one new matrix for the correlation)."""
+    (the result takes over the pooled co-moment, plus one new matrix for the correlation), whichever kind the
+    chains kept (their own co-moment, or their draws)."""
     import gc
     import weakref
 
@@ -550,12 +551,45 @@ def test_outputs_are_built_when_only_the_pooled_accumulator_is_alive(monkeypatch
             alive_at_output.append(sum(r() is not None for r in live))
             return super().correlation()
 
+    class TrackedTraces(pool.ChainTraces):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            live.append(weakref.ref(self))
+
     monkeypatch.setattr(pool, "RunningCrossCovariance", Tracked)
+    monkeypatch.setattr(pool, "ChainTraces", TrackedTraces)
     model, train, query, *_ = _linear_problem()
-    for chain_batch in (1, 3):
-        live.clear()
-        compute_bif(model, train, query, loss_fn=_sq_loss, config=_config(5, chains=3, chain_batch=chain_batch))
-        assert len(live) == 1 + chain_batch and alive_at_output[-1] == 1
+    for draws, state in ((5, "traces"), (200, "co-moment")):
+        for chain_batch in (1, 3):
+            live.clear()
+            res = compute_bif(model, train, query, loss_fn=_sq_loss,
+                              config=_config(draws, chains=3, chain_batch=chain_batch))  # fmt: skip
+            assert res.diagnostics["chain_state"] == state
+            assert len(live) == 1 + chain_batch and alive_at_output[-1] == 1
+
+
+def test_chains_keeping_their_draws_give_the_co_moment_result(monkeypatch):
+    """The two kinds of per-chain state (engine.pool.ChainTraces folded in row blocks, or a co-moment of its
+    own merged by Chan) give the same BIF and standard error, to rounding."""
+    from bif_fast.engine import pool
+
+    def force(state):
+        monkeypatch.setattr(pool.Pool, "chain_state", property(lambda self: state, lambda self, v: None), raising=False)
+
+    model, train, query, *_ = _linear_problem()
+    config = _config(40, chains=4)
+    force("traces")
+    folded = compute_bif(model, train, query, loss_fn=_sq_loss, config=config)
+    assert folded.diagnostics["chain_state"] == "traces"
+    monkeypatch.setattr(pool, "FOLD_BLOCK_BYTES", 3 * 8 * N_QUERY)  # row blocks of 3 rows: their edges show
+    blocked = compute_bif(model, train, query, loss_fn=_sq_loss, config=config)
+    force("co-moment")
+    merged = compute_bif(model, train, query, loss_fn=_sq_loss, config=config)
+    assert merged.diagnostics["chain_state"] == "co-moment"
+    for res in (folded, blocked):
+        torch.testing.assert_close(res.bif, merged.bif, rtol=1e-5, atol=1e-7 * float(merged.bif.abs().max()))
+        torch.testing.assert_close(res.stderr, merged.stderr, rtol=1e-4, atol=1e-7 * float(merged.bif.abs().max()))
+        torch.testing.assert_close(res.bif_normalized, merged.bif_normalized, rtol=1e-5, atol=1e-6)
 
 
 def test_lag1_estimator_removes_the_step_size_bias():
@@ -594,3 +628,40 @@ def test_lag1_estimator_removes_the_step_size_bias():
         BIFConfig(estimator="lag2")
     with pytest.raises(ValueError, match="num_steps_bw_draws"):
         BIFConfig(estimator="lag1", num_steps_bw_draws=2)
+
+
+def test_per_token_sampling_holds_two_n_by_p_matrices(monkeypatch):
+    """With the standard error on, a per-token run's n x p state while sampling is the pool and m2 (the running
+    chains keep their draws, folded in at their end), not a third per-chain co-moment."""
+    import gc
+    import warnings
+
+    from bif_fast.engine import pool
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 12, D, generator=g), torch.randn(16, 12, generator=g)
+    train, query = TensorDataset(x[:12], y[:12]), TensorDataset(x[12:], y[12:])
+    model = torch.nn.Linear(D, 1, bias=False)
+    n, p = 12 * 12, 4 * 12
+    seen: list[int] = []
+
+    def n_by_p_alive() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated module objects warns
+            warnings.simplefilter("ignore")
+            storages = {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                        if isinstance(t, torch.Tensor) and t.numel() >= n * p}  # fmt: skip
+        return len(storages)
+
+    update = pool.ChainTraces.update
+
+    def spying_update(self, *a, **kw):
+        seen.append(n_by_p_alive())
+        return update(self, *a, **kw)
+
+    monkeypatch.setattr(pool.ChainTraces, "update", spying_update)
+    cfg = BIFConfig(sgld=SGLDConfig(lr=1e-3, nbeta=20.0, localization=50.0), num_chains=3, num_draws=20,
+                    batch_size=4, draws_per_update=5, seed=0)  # fmt: skip
+    res = compute_bif(model, train, query, loss_fn=_token_loss, config=cfg, per_token=True)
+    assert res.diagnostics["chain_state"] == "traces" and res.stderr is not None
+    assert len(seen) == 3 * 4 and max(seen) == 2, seen

@@ -76,11 +76,17 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     _assert_same(whole, stored)
 
 
-@pytest.mark.parametrize("case", ["sample", "token", "sample_mass", "lag1"])
+@pytest.mark.parametrize("case", ["sample", "token", "sample_mass", "lag1", "sample_traces"])
 def test_a_run_killed_inside_a_chain_resumes_there_exactly(tmp_path, monkeypatch, case):
     """With writes inside chains (every accumulator update here), a crash in the middle of the first group of
-    chains resumes from that draw: sampler state, minibatch stream, accumulators and traces so far."""
+    chains resumes from that draw: sampler state, minibatch stream, accumulators (a co-moment of their own or,
+    ``sample_traces``, the chain's draws) and traces so far."""
+    from bif_fast.engine import pool
+
     monkeypatch.setenv("BIF_FAST_CHECKPOINT_SECONDS", "0")
+    if case == "sample_traces":
+        monkeypatch.setattr(pool.Pool, "chain_state", property(lambda self: "traces", lambda self, v: None),
+                            raising=False)  # fmt: skip
     model, train, query = _problem(case)
     config = BIFConfig(**{**_config(case).__dict__, "draws_per_update": 4})  # a write every 4 draws
     if case == "lag1":

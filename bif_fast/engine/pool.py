@@ -8,8 +8,12 @@ Standard error without a matrix for the mean of the per-chain covariances: with 
 same k draws, the pooled co-moment is the sum of the chains' co-moments plus the between-chain scatter
 ``k * sum_c (mu_c - mu)(mu_c - mu)^T`` (rank < chains, from the stored per-chain mean vectors), so that
 mean is read off the pool. Each chain's deviation from it goes into ``m2`` by Welford's update over
-chains (no ``E[c^2] - E[c]^2`` cancellation in float32). The n x p state is then the pool, the chain's own
-accumulator and ``m2``.
+chains (no ``E[c^2] - E[c]^2`` cancellation in float32).
+
+A running chain keeps either its own co-moment (``RunningCrossCovariance``, n x p) or, when that is the
+larger of the two (per token: draws x (n + p) is far below n x p), its draws as they are (``ChainTraces``),
+folded into the pool and ``m2`` at the chain's end in row blocks of its covariance, so no third n x p
+matrix ever exists: the n x p state while sampling is the pool and ``m2``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,52 @@ __all__ = ["Pool"]
 logger = logging.getLogger("bif_fast")
 
 
+#: Bytes of one row block of a chain's covariance when its draws are folded in (``ChainTraces``).
+FOLD_BLOCK_BYTES = 64 << 20
+
+
+class ChainTraces:
+    """One running chain's draws as they are, ``[draws, n]`` and ``[draws, p]``: what the draw loop's
+    accumulator interface needs (``update``, ``count``, ``finite``, ``means``, state dicts), without an
+    ``n x p`` co-moment. ``Pool.add`` folds them in."""
+
+    def __init__(self, n: int, p: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.n, self.p = n, p
+        self.x = torch.empty(capacity, n, device=device, dtype=dtype)
+        self.y = torch.empty(capacity, p, device=device, dtype=dtype)
+        self.count = 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, *, check_finite: bool = False) -> None:
+        k = x.shape[0]
+        if self.count + k > self.x.shape[0]:
+            raise ValueError(f"a chain holds at most {self.x.shape[0]} draws")
+        self.x[self.count : self.count + k].copy_(x)
+        self.y[self.count : self.count + k].copy_(y)
+        self.count += k
+
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[: self.count], self.y[: self.count]
+
+    def finite(self) -> bool:
+        x, y = self.draws()
+        return bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.draws()
+        return x.double().mean(0), y.double().mean(0)
+
+    def state_dict(self) -> dict:
+        x, y = self.draws()
+        return {"count": self.count, "x": x, "y": y}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = 0
+        self.update(state["x"].to(self.x), state["y"].to(self.y))
+
+
 class Pool:
     """The pooled accumulator, the per-chain accumulators it hands out, the standard error, and which chains
     diverged.
@@ -34,11 +84,17 @@ class Pool:
     Args:
         n, p (int): units of the training and query sides.
         device, dtype: where and in which dtype the n x p state lives.
-        config (BIFConfig): ``num_chains`` and ``compute_stderr``.
+        config (BIFConfig): ``num_chains``, ``num_draws`` and ``compute_stderr``.
+        loss_dtype: the draws' dtype (for ``ChainTraces``).
     """
 
-    def __init__(self, n: int, p: int, device: torch.device, dtype: torch.dtype, config: BIFConfig):
-        self.n, self.p, self.device, self.dtype = n, p, device, dtype
+    def __init__(self, n: int, p: int, device: torch.device, dtype: torch.dtype, config: BIFConfig,
+                 loss_dtype: torch.dtype = torch.float32):  # fmt: skip
+        self.n, self.p, self.device, self.dtype, self.loss_dtype = n, p, device, dtype, loss_dtype
+        self.capacity = config.num_draws
+        size = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=loss_dtype).element_size()
+        # The running chains keep their draws when that is smaller than a co-moment of their own.
+        self.chain_state = "traces" if self.capacity * (n + p) * size[1] < n * p * size[0] else "co-moment"
         self.num_chains = config.num_chains
         self.pooled = RunningCrossCovariance(n, p, device=device, dtype=dtype)
         self.stderr_on = config.compute_stderr and config.num_chains > 1
@@ -49,20 +105,24 @@ class Pool:
         self.diverged = [False] * config.num_chains
         self.escaped: dict[int, str] = {}  # chains left out for leaving w*'s basin, and why
         self.survivors = 0
-        self._chain_accs: list[RunningCrossCovariance] = []
+        self._chain_accs: list[RunningCrossCovariance | ChainTraces] = []
 
-    def chain_accumulators(self, count: int) -> list[RunningCrossCovariance]:
+    def chain_accumulators(self, count: int) -> list[RunningCrossCovariance | ChainTraces]:
         """``count`` empty accumulators for the chains about to run (the pool itself for a single chain, which
-        saves one n x p matrix)."""
+        saves one n x p matrix), of the kind ``chain_state`` says."""
         if self.num_chains == 1:
             return [self.pooled]
         while len(self._chain_accs) < count:
-            self._chain_accs.append(RunningCrossCovariance(self.n, self.p, device=self.device, dtype=self.dtype))
+            if self.chain_state == "traces":
+                acc = ChainTraces(self.n, self.p, self.capacity, self.device, self.loss_dtype)
+            else:
+                acc = RunningCrossCovariance(self.n, self.p, device=self.device, dtype=self.dtype)
+            self._chain_accs.append(acc)
         for acc in self._chain_accs[:count]:
             acc.reset()
         return self._chain_accs[:count]
 
-    def add(self, c: int, acc: RunningCrossCovariance, sampler_diverged: bool, seconds: float,
+    def add(self, c: int, acc: RunningCrossCovariance | ChainTraces, sampler_diverged: bool, seconds: float,
             escaped: str | None = None) -> None:  # fmt: skip
         """Fold chain ``c`` in. ``acc`` (if not the pool itself) is consumed: it must be reset before reuse.
         ``escaped``: why the chain left w*'s basin (``engine.run.escaped_chains``); it is then left out."""
@@ -86,19 +146,44 @@ class Pool:
             self.means.append(acc.means())
             self.mean_chains.append(c)
             self.k = acc.count
+        if isinstance(acc, ChainTraces):
+            self._fold(acc)
+            return
         self.pooled.merge(acc)
         if self.stderr_on and len(self.means) >= 2:
             self._welford(acc)
 
-    def _welford(self, acc: RunningCrossCovariance) -> None:
+    def _fold(self, acc: ChainTraces) -> None:
+        """A chain's draws into the pool (rank-k updates) and its covariance into ``m2``, in row blocks."""
+        x, y = acc.draws()
+        for i in range(0, x.shape[0], 32):
+            self.pooled.update(x[i : i + 32], y[i : i + 32], check_finite=False)
+        if not (self.stderr_on and len(self.means) >= 2):
+            return
         k, m = self.k, len(self.means)
+        mx, my = acc.means()
+        xc, yc = (x.double() - mx).to(self.dtype), (y.double() - my).to(self.dtype)
+        dx, dy = self._chain_mean_scatter()
+        rows = max(1, FOLD_BLOCK_BYTES // max(1, self.p * xc.element_size()))
+        for r in range(0, self.n, rows):
+            e = xc[:, r : r + rows].T @ yc  # the chain's co-moment, rows r.. (then as in _welford)
+            e.mul_(1.0 / (k - 1)).sub_(self.pooled.comoment[r : r + rows], alpha=1.0 / ((k - 1) * m))
+            e.addmm_(dx[:, r : r + rows].T, dy, alpha=k / ((k - 1) * m))
+            self.m2[r : r + rows].addcmul_(e, e, value=m / (m - 1))
+
+    def _chain_mean_scatter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chains' means about their mean, ``[m, n]`` and ``[m, p]`` in the pool's dtype."""
         mx = torch.stack([x for x, _ in self.means])  # [m, n] float64
         my = torch.stack([y for _, y in self.means])  # [m, p]
-        dx, dy = mx - mx.mean(0), my - my.mean(0)
+        return (mx - mx.mean(0)).to(self.dtype), (my - my.mean(0)).to(self.dtype)
+
+    def _welford(self, acc: RunningCrossCovariance) -> None:
+        k, m = self.k, len(self.means)
+        dx, dy = self._chain_mean_scatter()
         # e = cov_c - mean of the m chain covariances, built in the chain's co-moment (merged above):
         # mean = (pooled - k dx^T dy) / ((k - 1) m).
         e = acc.take_comoment().mul_(1.0 / (k - 1)).sub_(self.pooled.comoment, alpha=1.0 / ((k - 1) * m))
-        e.addmm_(dx.T.to(e.dtype), dy.to(e.dtype), alpha=k / ((k - 1) * m))
+        e.addmm_(dx.T, dy, alpha=k / ((k - 1) * m))
         self.m2.addcmul_(e, e, value=m / (m - 1))  # Welford: (c - mean_old)(c - mean_new)
 
     def _drop_stderr(self, why: str) -> None:

@@ -135,7 +135,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
                                config, device), per_token) if config.control_variate else None  # fmt: skip
     chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
-    pool = Pool(n, p, device, cov_dtype, config)
+    pool = Pool(n, p, device, cov_dtype, config, loss_dtype)
     reuse = full is not None and state.modes_agree
     traces = _Traces.empty(config, device)
     if restored is not None:
@@ -368,7 +368,7 @@ class _DrawLoop:
                   seconds: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
         """The running group, between two draws: its chains, accumulators, traces so far (and lag-1 pairs)."""
         tensors = {f"run.chain.{k}": v for k, v in self.chains.snapshot().items()}
-        for i, acc in enumerate(accs):
+        for i, acc in enumerate(accs):  # a co-moment of its own, or the chain's draws (Pool.chain_state)
             tensors.update({f"run.acc{i}.{k}": v for k, v in acc.state_dict().items() if isinstance(v, torch.Tensor)})
         tensors["run.dists"], tensors["run.means"] = torch.stack(dists, 1), torch.stack(means, 1)
         if self.pairs is not None:
@@ -380,9 +380,9 @@ class _DrawLoop:
         t, record = restored.tensors, restored.meta["running"]
         self.chains.resume({k.removeprefix("run.chain."): v for k, v in t.items() if k.startswith("run.chain.")})
         for i, acc in enumerate(accs):
-            keys = ("comoment", "mean_x", "mean_y", "m2_x", "m2_y")
-            acc.load_state_dict({"n": acc.n, "p": acc.p, "count": record["counts"][i],
-                                 **{k: t[f"run.acc{i}.{k}"] for k in keys}})  # fmt: skip
+            prefix = f"run.acc{i}."
+            state = {k.removeprefix(prefix): v for k, v in t.items() if k.startswith(prefix)}
+            acc.load_state_dict({"n": acc.n, "p": acc.p, "count": record["counts"][i], **state})
         if self.pairs is not None:
             for j, prev in enumerate(self.pairs.prev):
                 prev[: len(accs)].copy_(t[f"run.prev{j}"])
@@ -467,6 +467,7 @@ def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFC
         "sampler_backend": opt.resolved_backend,
         "chain_batch": chains.size,
         "cov_dtype": str(cov_dtype).removeprefix("torch."),
+        "chain_state": pool.chain_state,  # a running chain's co-moment, or its draws (engine.pool)
         "estimator": config.estimator,
         # A DataLoader's own batch size (None: batches from its batch_sampler).
         "eval_batch_size": {s.name: s.batch_size for s in sides},
