@@ -49,6 +49,9 @@ baseline). Every child reports a checksum of w* and the data; the parent checks 
 - ``bif_fast-prebatched``  the same call, but train and query passed as non-shuffling DataLoaders over
                            batches collated once (``--prebatched-on``, default mlp only): isolates the
                            cost of re-collating the evaluation batches item by item at every draw
+- ``bif_fast-stderr``      the same call with the standard error on (``compute_stderr=True``, the
+                           engine's default): its memory is the per-token state with m2 (``--stderr-on``,
+                           default lm only)
 - ``bif_fast-f64``         the same call with ``cov_dtype="float64"`` (``--f64-on``, default lm only):
                            the same chains with float64 n x p state, so its agreement with ``bif_fast``
                            is the float32 co-moment's rounding (relRMS ~1e-6), and its memory the
@@ -127,7 +130,7 @@ from benchmarks.utils import (  # noqa: E402
     write_rows,
 )
 
-PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-f64", "devinterp"]
+PROVIDERS = ["floor", "bif_fast", "bif_fast-prebatched", "bif_fast-f64", "bif_fast-stderr", "devinterp"]
 OBS_SEED = 1337  # devinterp's default obs_seed
 MEM = "peak_rss_above_base_mb"
 
@@ -241,15 +244,17 @@ def run_bif_fast(
     noise_level: float = 1.0,
     prebatched: bool = False,
     f64: bool = False,
+    stderr: bool = False,
 ):
-    """``compute_bif`` as a user calls it; returns the BIFResult."""
+    """``compute_bif`` as a user calls it; returns the BIFResult (``stderr``: with the standard error, the
+    engine's default)."""
     from bif_fast import BIFConfig, compute_bif
 
     per_token = spec["problem"] == "lm"
     train, query = _bif_fast_data(prob, spec)
     config = BIFConfig(sgld=_sgld_config(spec, noise_level), num_chains=spec["chains"], num_draws=spec["draws"],
                        num_burnin_steps=1, num_steps_bw_draws=1, batch_size=spec["batch_size"], seed=spec["seed"],
-                       compute_stderr=False)  # fmt: skip
+                       compute_stderr=stderr)  # fmt: skip
     if f64:
         config = dataclasses.replace(config, cov_dtype="float64")
     if prebatched:
@@ -453,9 +458,9 @@ def _run(prob: dict, spec: dict, workdir: str, timed=None):
     provider = spec["provider"]
     if provider == "floor":
         return floor(prob, spec)
-    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-f64"):
+    if provider in ("bif_fast", "bif_fast-prebatched", "bif_fast-f64", "bif_fast-stderr"):
         res = run_bif_fast(prob, spec, prebatched=provider == "bif_fast-prebatched",
-                           f64=provider == "bif_fast-f64")  # fmt: skip
+                           f64=provider == "bif_fast-f64", stderr=provider == "bif_fast-stderr")  # fmt: skip
         if timed is not None:
             timed()
         return _bif_fast_mats(res, prob, spec)
@@ -580,6 +585,7 @@ def main() -> None:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--prebatched-on", default="mlp", help="problems on which to run bif_fast-prebatched")
     ap.add_argument("--f64-on", default="lm", help="problems on which to run bif_fast-f64")
+    ap.add_argument("--stderr-on", default="lm", help="problems on which to run bif_fast-stderr")
     ap.add_argument(
         "--malloc",
         choices=["pinned", "default"],
@@ -601,6 +607,7 @@ def main() -> None:
     args.problems = args.problems.split(",")
     args.prebatched_on = args.prebatched_on.split(",")
     args.f64_on = args.f64_on.split(",")
+    args.stderr_on = args.stderr_on.split(",")
     args.lm_train = [int(v) for v in str(args.lm_train).split(",")]
     providers = args.providers.split(",")
     torch.set_num_threads(args.threads)
@@ -630,6 +637,8 @@ def main() -> None:
                     if provider == "bif_fast-prebatched" and spec["problem"] not in args.prebatched_on:
                         continue
                     if provider == "bif_fast-f64" and spec["problem"] not in args.f64_on:
+                        continue
+                    if provider == "bif_fast-stderr" and spec["problem"] not in args.stderr_on:
                         continue
                     save = str(Path(tmp) / f"{len(results)}_{provider}_{rep}_{spec['problem']}{spec['n_train']}.pt")
                     child = {**spec, "provider": provider, "seed": rep, "save": save}

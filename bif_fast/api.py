@@ -69,7 +69,8 @@ def compute_bif(
 
     Inside an initialised ``torch.distributed`` default process group (e.g. under ``torchrun``), chain c runs
     on rank ``c % world_size`` and every rank returns the full result, equal to one process's
-    (``bif_fast.engine.distributed``); rank 0 calibrates for all.
+    (``bif_fast.engine.distributed``); rank 0 calibrates for all. With ``BIFConfig(shard_rows=True)`` each
+    rank holds a slice of the training rows instead (``res.train_rows``) and runs every chain.
 
     Returns:
         BIFResult.
@@ -100,6 +101,8 @@ def compute_bif(
     if config is None and sgld_data is not None:
         raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
                          "config to sample with sgld_data")  # fmt: skip
+    if config is not None and config.shard_rows:
+        _check_shard_rows(config, train, checkpoint)
     device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint, ranks, run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
@@ -134,7 +137,18 @@ def compute_bif(
         per_token=per_token,
         train_index=out.train_index,
         query_index=out.query_index,
+        train_rows=out.train_rows,
     )
     if ckpt is not None:
         ckpt.write_result(res)
     return res
+
+
+def _check_shard_rows(config: BIFConfig, train: Any, checkpoint: Any) -> None:
+    """What ``shard_rows`` does not combine with yet, refused before any work."""
+    if isinstance(train, DataLoader):
+        raise ValueError("shard_rows slices train by sequence: pass a Dataset, not a DataLoader")
+    if config.sgld.mass == "curvature":
+        raise ValueError("shard_rows does not combine with mass='curvature' yet (its Lanczos needs every row)")
+    if checkpoint is not None:
+        raise ValueError("shard_rows does not combine with checkpoint= yet")

@@ -194,6 +194,16 @@ class BIFConfig:
             "defaults use 50"
         ),
     )
+    shard_rows: bool = field(
+        default=False,
+        metadata=_help(
+            "inside a torch.distributed process group: each rank owns a contiguous slice of the training sequences "
+            "(the rows), evaluates only those and keeps only their rows of the n x p state; every rank runs every "
+            "chain, its SGLD gradient summed across ranks as DDP does (each rank's share of every minibatch, or "
+            "its rows of the full batch). res.bif is the local rows, res.train_rows their global indices, and "
+            "res.topk works across the shards. False: the chains are split across the ranks instead"
+        ),
+    )
     calibration: dict[str, Any] | None = field(
         default=None,
         compare=False,
@@ -214,6 +224,10 @@ class BIFConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"BIFConfig.{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.shard_rows, bool):
+            raise ValueError(f"BIFConfig.shard_rows must be a bool, got {self.shard_rows!r}")
+        if self.shard_rows and self.control_variate:
+            raise ValueError("BIFConfig.shard_rows does not combine with control_variate yet")
         if not isinstance(self.control_variate, bool):
             raise ValueError(f"BIFConfig.control_variate must be a bool, got {self.control_variate!r}")
         if self.control_variate and self.batch_size == "full":

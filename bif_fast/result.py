@@ -36,6 +36,8 @@ class BIFResult:
         per_token (bool): whether rows and columns are tokens.
         train_index, query_index (Tensor | None): per-token mode: `[n_units, 2]` (sequence, position)
             of each row / column.
+        train_rows (Tensor | None): ``shard_rows``: `[n_local]` the global index of each of this rank's rows
+            (None when every row is here).
 
     Examples:
         >>> res = compute_bif(model, train, query, loss_fn=loss_fn)  # doctest: +SKIP
@@ -51,19 +53,36 @@ class BIFResult:
     per_token: bool = False
     train_index: torch.Tensor | None = None
     query_index: torch.Tensor | None = None
+    train_rows: torch.Tensor | None = None
 
     #: The tensor attributes, in the order ``save`` writes them.
-    tensor_names: ClassVar[tuple[str, ...]] = ("bif", "bif_normalized", "stderr", "train_index", "query_index")
+    tensor_names: ClassVar[tuple[str, ...]] = ("bif", "bif_normalized", "stderr", "train_index", "query_index",
+                                               "train_rows")  # fmt: skip
 
     def topk(self, k: int = 10, *, normalized: bool = True, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """For every query column, the k training units with the largest (or smallest) BIF.
+
+        With ``shard_rows`` (``train_rows`` set) the indices are global rows, and inside the process group
+        that made the result the top k are those of every shard (each rank's own k candidates gathered, not
+        the matrix; every rank must call it). Outside it, the top k of this shard.
 
         Returns:
             (values, indices), each `[k, n_query]`.
         """
         m = self.bif_normalized if normalized else self.bif
-        k = min(k, m.shape[0])
-        return torch.topk(m, k, dim=0, largest=largest)
+        values, idx = torch.topk(m, min(k, m.shape[0]), dim=0, largest=largest)
+        if self.train_rows is None:
+            return values, idx
+        rows = self.train_rows.to(idx.device)[idx]
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return values, rows
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (values.cpu(), rows.cpu()))
+        values = torch.cat([v for v, _ in parts]).to(m.device)
+        rows = torch.cat([r for _, r in parts]).to(m.device)
+        best, pick = torch.topk(values, min(k, values.shape[0]), dim=0, largest=largest)
+        return best, rows.gather(0, pick)
 
     def sequence_bif(self) -> torch.Tensor:
         """Per-token mode: the sequence-level BIF of summed losses, `[n_train_seq, n_query_seq]`.
@@ -154,6 +173,7 @@ class BIFResult:
             per_token=meta["per_token"],
             train_index=tensors.get("train_index"),
             query_index=tensors.get("query_index"),
+            train_rows=tensors.get("train_rows"),
         )
 
 

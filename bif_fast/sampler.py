@@ -255,6 +255,13 @@ class SGLD(torch.optim.Optimizer):
         self.diverged_flag.zero_()
         self._init_state()
 
+    def flat_grads(self) -> list[torch.Tensor]:
+        """The packed gradient buffer of each dtype segment, every parameter's current gradient in it (e.g.
+        to reduce it across processes before ``raw_step``)."""
+        for seg in self._segments:
+            self._gather_grads(seg)
+        return [seg.flat_grad for seg in self._segments]
+
     def sampler_state(self) -> dict[str, torch.Tensor]:
         """The chain's position mid-run (live references): each dtype segment's weights, fp32 master and
         sampler state, the divergence flag and the step counter (which keys the noise of the next step)."""

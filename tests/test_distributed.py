@@ -24,7 +24,7 @@ TIMEOUT_S = 120
 
 def _problem(case: str):
     g = torch.Generator().manual_seed(7)
-    if case.startswith("token"):
+    if "token" in case:
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
         x, y = torch.randn(9, 6, 3, generator=g), torch.randn(9, 6, generator=g)
         train, query = TensorDataset(x[:6], y[:6]), TensorDataset(x[6:], y[6:])
@@ -44,6 +44,11 @@ def _loss(model, batch):
 
 
 def _config(case: str) -> BIFConfig:
+    if case.startswith("shard"):  # rows split across the ranks, every chain on every rank
+        sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=20.0)
+        batch_size = "full" if case.endswith("full") else 8
+        return BIFConfig(sgld=sgld, num_chains=3, num_draws=30, num_steps_bw_draws=2, batch_size=batch_size, seed=3,
+                         shard_rows=True)  # fmt: skip
     if case.endswith("mass"):  # BAOAB with the curvature mass (computed on rank 0, broadcast), full batch
         sgld = SGLDConfig(lr=0.02, nbeta=50.0, localization=20.0, sampler="baoab", friction=5.0,
                           mass="curvature", mass_rank=3)  # fmt: skip
@@ -92,9 +97,12 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
             loss_fn = _FailingLoss(rank=rank, at=1)
         checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
         res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
-                          per_token=case.startswith("token"), checkpoint=checkpoint)  # fmt: skip
+                          per_token="token" in case, checkpoint=checkpoint)  # fmt: skip
         res.save(Path(tmp) / f"{case}-rank{rank}")
         out = {"ok": True, "loss_calls": loss_fn.calls}
+        if case.startswith("shard"):  # across the shards: every rank calls it
+            values, rows = res.topk(3, normalized=False)
+            out["topk"] = [values.tolist(), rows.tolist()]
     except Exception as e:
         out = {"ok": False, "type": type(e).__name__, "message": str(e), "rank": getattr(e, "rank", None)}
     finally:
@@ -162,6 +170,41 @@ def test_a_failing_rank_fails_every_rank_with_its_error(tmp_path, case):
         assert not (tmp_path / f"{case}-rank{rank}").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", ["shard_sample", "shard_token", "shard_full"])
+def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, case):
+    """shard_rows: every rank holds its rows of the BIF (global indices in train_rows), runs every chain with
+    the gradient summed across the ranks, and topk across the shards is the single process's."""
+    from bif_fast import BIFResult
+
+    torch.set_num_threads(1)
+    model, train, query = _problem(case)
+    per_token = "token" in case
+    alone = compute_bif(model, train, query, loss_fn=_loss, config=_config(case), per_token=per_token)
+    statuses = _spawn(tmp_path, world, case)
+    assert all(s["ok"] for s in statuses), statuses
+    shards = [BIFResult.load(tmp_path / f"{case}-rank{r}") for r in range(world)]
+    rows = torch.cat([sh.train_rows for sh in shards])
+    assert torch.equal(rows, torch.arange(alone.bif.shape[0]))  # contiguous slices, in rank order, all rows
+    assert min(sh.bif.shape[0] for sh in shards) > 0
+    scale = float(alone.bif.abs().max())
+    for name in ("bif", "bif_normalized", "stderr"):
+        got = torch.cat([getattr(sh, name) for sh in shards])
+        tol = 1e-5 if name == "bif_normalized" else 1e-5 * scale
+        torch.testing.assert_close(got, getattr(alone, name), rtol=1e-3, atol=tol)
+    if per_token:
+        assert torch.equal(torch.cat([sh.train_index for sh in shards]), alone.train_index)
+    for sh in shards:
+        assert sh.diagnostics["num_draws_used"] == alone.diagnostics["num_draws_used"]
+        torch.testing.assert_close(torch.tensor(sh.diagnostics["chain_mean_train_loss"]),
+                                   torch.tensor(alone.diagnostics["chain_mean_train_loss"]), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+    values, idx = alone.topk(3, normalized=False)
+    for s in statuses:  # every rank got the global top 3 from the shards' candidates
+        torch.testing.assert_close(torch.tensor(s["topk"][0]), values, rtol=1e-3, atol=1e-5 * scale)
+        assert torch.equal(torch.tensor(s["topk"][1]), idx)
+
+
 def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
     from bif_fast import BIFResult
 
@@ -199,3 +242,25 @@ def test_outside_a_process_group_nothing_changes():
         ranks.raise_if_any_failed(KeyError("x"))
     ranks.raise_if_any_failed(None)
     assert ranks.from_root(lambda: 5) == 5
+
+
+def test_shard_rows_refuses_what_it_does_not_combine_with(tmp_path):
+    import dataclasses
+
+    model, train, query = _problem("sample")
+    config = _config("shard_sample")
+    loader = torch.utils.data.DataLoader(train, batch_size=8)
+    with pytest.raises(ValueError, match="pass a Dataset, not a DataLoader"):
+        compute_bif(model, loader, query, loss_fn=_loss, config=config)
+    with pytest.raises(ValueError, match="does not combine with checkpoint"):
+        compute_bif(model, train, query, loss_fn=_loss, config=config, checkpoint=tmp_path)
+    massed = dataclasses.replace(_config("sample_mass"), shard_rows=True)
+    with pytest.raises(ValueError, match="mass='curvature'"):
+        compute_bif(model, train, query, loss_fn=_loss, config=massed)
+    with pytest.raises(ValueError, match="control_variate"):
+        dataclasses.replace(config, control_variate=True)
+    assert not (tmp_path / "state-rank0-of-1.safetensors").exists()
+    # Outside a process group the option changes nothing: every row is here.
+    alone = compute_bif(model, train, query, loss_fn=_loss, config=dataclasses.replace(config, shard_rows=False))
+    same = compute_bif(model, train, query, loss_fn=_loss, config=config)
+    assert same.train_rows is None and torch.equal(same.bif, alone.bif)

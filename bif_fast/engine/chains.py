@@ -21,6 +21,7 @@ from bif_fast.config import BIFConfig
 from bif_fast.engine.batched import ChainBatch
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import sgld_batches, stack_batches
+from bif_fast.engine.distributed import RowShard
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.units import LossFn, Units, evaluate, full_batch_term, loss_and_mask, minibatch_loss
 from bif_fast.sampler import SGLD
@@ -69,10 +70,22 @@ class _Run:
 
     def __init__(self, model, state: ModelState, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
                  device: torch.device, per_token: bool, full: FullBatch | None,
-                 control: ControlVariate | None = None):  # fmt: skip
+                 control: ControlVariate | None = None, shard: RowShard | None = None):  # fmt: skip
         self.model, self.state, self.loss_fn, self.sgld_source = model, state, loss_fn, sgld_source
         self.config, self.device, self.per_token, self.full = config, device, per_token, full
-        self.control = control
+        self.control, self.shard = control, shard
+
+    def sharded_minibatch_loss(self, batch: Any) -> torch.Tensor:
+        """This rank's part of the minibatch mean loss (``shard_rows``): its losses' sum over the count of the
+        whole minibatch (per token: the positions that count, summed across the ranks)."""
+        out, mask = loss_and_mask(self.loss_fn, self.model, self.shard.local_batch(batch), self.per_token)
+        if self.per_token and mask is not None:
+            mask = mask.bool()
+            total, count = torch.where(mask, out, 0.0).sum(), mask.sum().to(torch.float64)
+        else:
+            total, count = out.sum(), torch.tensor(float(out.numel()), dtype=torch.float64, device=out.device)
+        count = self.shard.sum_(count.reshape(1).cpu()).to(out.device)
+        return total / count.to(out.dtype).clamp_min(1)
 
     def minibatches(self, chain: int, skip: int = 0):
         """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""
@@ -126,10 +139,18 @@ class SequentialChains:
                 continue
             batch = next(self._batches)
             self.opt.zero_grad()
-            minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
+            if run.shard is not None:
+                run.sharded_minibatch_loss(batch).backward()
+                self._sum_grads()
+            else:
+                minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
             if run.control is not None:
                 run.control.apply_(self.opt.params, batch)
             self.opt.raw_step()
+
+    def _sum_grads(self) -> None:
+        for grad in self.opt.flat_grads():
+            self.run.shard.sum_(grad)
 
     def step_with_losses(self) -> list[torch.Tensor]:
         run, full = self.run, self.run.full
@@ -140,6 +161,8 @@ class SequentialChains:
             out, mask = loss_and_mask(run.loss_fn, run.model, batch, run.per_token)
             full_batch_term(out, mask, full.count, run.per_token).backward()
             outs.append(out.detach().unsqueeze(0))
+        if run.shard is not None:  # this rank's rows of the full batch; full.count is every rank's
+            self._sum_grads()
         self.opt.raw_step()
         return outs
 
@@ -243,12 +266,14 @@ def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int
 
 def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_source: Any, config: BIFConfig,
                 per_token: bool, size: int, checks: list[tuple[list, Units, torch.Tensor]],
-                full: FullBatch | None = None, control: ControlVariate | None = None) -> Chains:  # fmt: skip
+                full: FullBatch | None = None, control: ControlVariate | None = None,
+                shard: RowShard | None = None) -> Chains:  # fmt: skip
     """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
     (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``. ``full``:
-    full-batch steps over these batches; ``control``: minibatch gradients with that control variate."""
-    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full, control)
-    if size > 1:
+    full-batch steps over these batches; ``control``: minibatch gradients with that control variate;
+    ``shard``: gradients summed across the ranks (``shard_rows``; chains one by one)."""
+    run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full, control, shard)
+    if size > 1 and shard is None:
         batch, why_not = _try_chain_batch(run, opt, size, checks)
         if batch is not None:
             return BatchedChains(run, batch)

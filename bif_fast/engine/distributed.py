@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["RankFailure", "Ranks"]
+__all__ = ["RankFailure", "Ranks", "RowShard"]
 
 T = TypeVar("T")
 
@@ -105,3 +105,66 @@ class Ranks:
         if self.active:
             torch.distributed.all_reduce(tensor)
         return tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class RowShard:
+    """``BIFConfig.shard_rows``: this rank's slice ``[lo, hi)`` of the training sequences.
+
+    Every rank runs every chain, so the chains' weights must stay equal on every rank: each SGLD gradient is
+    the sum over the ranks of each one's part (``local_batch`` of every minibatch, or its own rows of the
+    full batch), reduced before the step, and decisions about a chain (divergence) are reduced too."""
+
+    ranks: Ranks
+    lo: int
+    hi: int
+
+    @classmethod
+    def of(cls, ranks: Ranks, num_sequences: int) -> RowShard:
+        lo = ranks.rank * num_sequences // ranks.world
+        return cls(ranks, lo, (ranks.rank + 1) * num_sequences // ranks.world)
+
+    def local_batch(self, batch: Any) -> Any:
+        """This rank's share of a minibatch: rows ``rank::world`` of every tensor with the batch's length."""
+        size = _batch_rows(batch)
+        if size is not None and size < self.ranks.world:
+            raise ValueError(f"shard_rows splits every SGLD minibatch across {self.ranks.world} ranks: it needs "
+                             f"batch_size >= {self.ranks.world}, got a batch of {size}")  # fmt: skip
+        return _rows(batch, slice(self.ranks.rank, None, self.ranks.world), size)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.ranks.all_reduce_(tensor)
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Per chain: true on some rank."""
+        if not self.ranks.active:
+            return flags
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
+        self.ranks.all_reduce_(t)
+        return [bool(v) for v in t.tolist()]
+
+
+def _batch_rows(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            rows = _batch_rows(item)
+            if rows is not None:
+                return rows
+    return None
+
+
+def _rows(batch: Any, index: slice, size: int | None) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[index] if batch.dim() and batch.shape[0] == size else batch
+    if isinstance(batch, dict):
+        return type(batch)((k, _rows(v, index, size)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        out = [_rows(v, index, size) for v in batch]
+        if isinstance(batch, tuple):
+            return type(batch)(*out) if hasattr(batch, "_fields") else type(batch)(out)
+        return out
+    return batch

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
@@ -23,7 +23,7 @@ from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_cha
 from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
-from bif_fast.engine.distributed import Ranks
+from bif_fast.engine.distributed import Ranks, RowShard
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
@@ -58,6 +58,7 @@ class RunOutput:
     diagnostics: dict[str, Any]
     train_index: torch.Tensor | None
     query_index: torch.Tensor | None
+    train_rows: torch.Tensor | None = None  # shard_rows: the global index of each local row
 
 
 def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any, query: Any, *, loss_fn: LossFn,
@@ -67,21 +68,25 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
     state is written after every finished group of chains and a stored state is resumed.
 
     Inside a process group each rank samples its own chains (``engine.distributed``) and every rank returns
-    the pool of all of them. The ranks meet at three points, each reached by every rank even when one
-    failed: after the evaluation sets, at the mass (computed on rank 0), and before the merge."""
+    the pool of all of them; with ``shard_rows`` every rank samples every chain over its own rows. The ranks
+    meet at fixed points, each reached by every rank even when one failed: after the evaluation sets, at
+    the mass (computed on rank 0), and before the merge."""
     t_start = time.perf_counter()
     device = sampled[0].device
     ranks = Ranks.current()
+    shard = RowShard.of(ranks, len(train)) if config.shard_rows and ranks.active else None
     with ModelState(model, sampled) as state:
         state.eval_mode()
         error, sides, restored = None, None, None
         try:
+            mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
             sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
-                     for data, name in ((train, "train"), (query, "query"))]  # fmt: skip
+                     for data, name in ((mine, "train"), (query, "query"))]  # fmt: skip
             restored = None if checkpoint is None else _restore(checkpoint, config, sides)
         except Exception as e:  # every rank learns of it below, then raises
             error = e
         ranks.raise_if_any_failed(error)
+        rows = _Rows.of(shard, sides[0])
         if restored is not None and "mass.basis" in restored.tensors:
             mass = LowRankMass(restored.tensors["mass.basis"].to(device), restored.tensors["mass.scale"].to(device),
                                restored.meta["mass_a_ref"])  # fmt: skip
@@ -93,20 +98,55 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         try:
             saver = None if checkpoint is None else _Saver(checkpoint, config, mass, sides)
             run = _sample(model, state, sampled, train, sides, loss_fn, config, per_token, sgld_source, backend,
-                          mass, ranks, restored, saver)  # fmt: skip
+                          mass, ranks, restored, saver, rows)  # fmt: skip
         except Exception as e:
             error = e
         ranks.raise_if_any_failed(error)
-        run.pool.merge_ranks(ranks)
-        _merge_traces(run.traces, ranks, config.num_chains)
+        if shard is None:
+            run.pool.merge_ranks(ranks)
+            _merge_traces(run.traces, ranks, config.num_chains)
         diagnostics = _diagnostics(sides, run.pool, run.traces, config, run.opt, run.chains, run.pool.dtype, t_start)
         diagnostics["forward_reuse"] = run.reuse
         diagnostics["world_size"] = ranks.world
+        if shard is not None:
+            diagnostics["shard"] = {"sequences": [shard.lo, shard.hi], "rows": [rows.offset, rows.offset + rows.n],
+                                    "n_train_units_total": rows.total}  # fmt: skip
         if run.pool.pooled.count < 2:
             raise BIFError(f"every chain diverged ({sum(run.pool.diverged)} of {config.num_chains}); no BIF",
                            diagnostics)  # fmt: skip
         bif, bif_normalized, stderr = run.pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
-    return RunOutput(bif, bif_normalized, stderr, diagnostics, sides[0].units.index, sides[1].units.index)
+    return RunOutput(bif, bif_normalized, stderr, diagnostics, rows.global_index(sides[0].units.index),
+                     sides[1].units.index, rows.global_rows(device))  # fmt: skip
+
+
+@dataclass
+class _Rows:
+    """The training rows this rank holds: all of them, or with ``shard_rows`` units ``offset ..`` of ``total``
+    (its sequences ``shard.lo ..``)."""
+
+    shard: RowShard | None
+    offset: int
+    n: int
+    total: int
+
+    @classmethod
+    def of(cls, shard: RowShard | None, train: EvalSet) -> _Rows:
+        n = train.units.n
+        if shard is None:
+            return cls(None, 0, n, n)
+        counts = shard.ranks.all_gather(n)
+        return cls(shard, sum(counts[: shard.ranks.rank]), n, sum(counts))
+
+    def global_index(self, index: torch.Tensor | None) -> torch.Tensor | None:
+        """Per token: (sequence, position) of each local row with the sequence counted over all of train."""
+        if index is None or self.shard is None:
+            return index
+        return index + torch.tensor([self.shard.lo, 0], dtype=index.dtype)
+
+    def global_rows(self, device: torch.device) -> torch.Tensor | None:
+        if self.shard is None:
+            return None
+        return torch.arange(self.offset, self.offset + self.n, device=device)
 
 
 @dataclass
@@ -120,21 +160,22 @@ class _Sampled:
 
 def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet], loss_fn: LossFn,
             config: BIFConfig, per_token: bool, sgld_source: Any, backend: Backend, mass: LowRankMass | None,
-            ranks: Ranks, restored: Restored | None, saver: _Saver | None) -> _Sampled:  # fmt: skip
+            ranks: Ranks, restored: Restored | None, saver: _Saver | None, rows: _Rows) -> _Sampled:  # fmt: skip
     """This rank's chains not finished yet, drawn into its pool (restored from ``restored``)."""
     device = sampled[0].device
     # Losses are kept in float64 when loss_fn gives float64, else float32.
     loss_dtype = torch.promote_types(sides[0].at_w_star.dtype, sides[1].at_w_star.dtype)
     cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
     n, p = sides[0].units.n, sides[1].units.n
-    full = FullBatch(sides[0].batches, n) if config.batch_size == "full" else None
+    full = FullBatch(sides[0].batches, rows.total) if config.batch_size == "full" else None
     opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
-    rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
-    size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, rows)
+    eval_rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
+    size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, eval_rows)
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
     control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
                                config, device), per_token) if config.control_variate else None  # fmt: skip
-    chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control)
+    chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control,
+                         rows.shard)  # fmt: skip
     pool = Pool(n, p, device, cov_dtype, config, loss_dtype)
     reuse = full is not None and state.modes_agree
     traces = _Traces.empty(config, device)
@@ -143,8 +184,9 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
         traces.restore(restored)
     if saver is not None:
         saver(pool, traces)  # before the first chain: the config and mass this run samples with
-    mine = [c for c in ranks.chains(config.num_chains) if c not in traces.finished]
-    _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver).run(mine, restored)
+    ours = range(config.num_chains) if rows.shard is not None else ranks.chains(config.num_chains)
+    mine = [c for c in ours if c not in traces.finished]
+    _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored)
     return _Sampled(opt, chains, pool, traces, reuse)
 
 
@@ -300,8 +342,9 @@ class _DrawLoop:
     quarter of their covariance is the lag-1 symmetrised covariance (``Pool.outputs`` applies the 1/4)."""
 
     def __init__(self, chains: Chains, pool: Pool, sides: list[EvalSet], config: BIFConfig, loss_dtype: torch.dtype,
-                 device: torch.device, reuse: bool, traces: _Traces, saver: _Saver | None):  # fmt: skip
+                 device: torch.device, reuse: bool, traces: _Traces, saver: _Saver | None, rows: _Rows):  # fmt: skip
         self.chains, self.pool, self.sides, self.config, self.reuse = chains, pool, sides, config, reuse
+        self.rows = rows
         self.traces, self.saver, self.device = traces, saver, device
         self.k = min(config.draws_per_update, config.num_draws)
         self.bufs = [torch.empty(self.k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
@@ -352,12 +395,18 @@ class _DrawLoop:
         self._finish(ids, accs, dists, means, t_group)
 
     def _finish(self, ids: list[int], accs: list, dists: list, means: list, t_group: float) -> None:
-        traces, rows = self.traces, ids
-        traces.mean_train_loss[rows] = torch.stack(means, 1).to(traces.mean_train_loss.dtype)
+        traces, rows, shard = self.traces, ids, self.rows.shard
+        mean = torch.stack(means, 1).double()
+        if shard is not None:  # the mean over every rank's rows, so that every rank sees the same trace
+            mean = shard.sum_(mean.mul_(self.rows.n).cpu()).div_(self.rows.total).to(mean.device)
+        traces.mean_train_loss[rows] = mean.to(traces.mean_train_loss.dtype)
         traces.distance[rows] = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5).to(traces.distance.dtype)
         escapes = escaped_chains(traces.mean_train_loss[rows], float(self.sides[0].at_w_star.mean()),
                                  self.config.max_excursion, traces.typical)  # fmt: skip
-        for i, (chain, flag) in enumerate(zip(ids, self.chains.diverged(), strict=True)):
+        flags = self.chains.diverged()
+        if shard is not None:  # a chain is kept on every rank or on none
+            flags = shard.any([f or not acc.finite() for f, acc in zip(flags, accs, strict=False)])
+        for i, (chain, flag) in enumerate(zip(ids, flags, strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
             self.pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
         traces.finished += ids
