@@ -41,6 +41,14 @@ from torch.utils.data import TensorDataset  # noqa: E402
 from benchmarks.utils import quantiles, write_rows  # noqa: E402
 
 
+def _seeded(model: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    """The same weights in every process (a module's default init draws from the process's own RNG)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 def _problem(name: str):
     g = torch.Generator().manual_seed(0)
     from bif_fast import BIFConfig, SGLDConfig
@@ -55,7 +63,7 @@ def _problem(name: str):
         def loss_fn(m, b):
             return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
 
-        return model, train, query, loss_fn, config, False
+        return _seeded(model, g), train, query, loss_fn, config, False
     model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 64))
     tokens = torch.randint(0, 64, (272, 32), generator=g)
     train, query = TensorDataset(tokens[:256]), TensorDataset(tokens[256:])

@@ -26,7 +26,7 @@ from bif_fast.config import SGLDConfig
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
-__all__ = ["SGLD"]
+__all__ = ["SGLD", "load_sampler_state_"]
 
 
 @dataclass
@@ -281,15 +281,7 @@ class SGLD(torch.optim.Optimizer):
         Raises:
             ValueError: a buffer is missing or has another shape.
         """
-        current = self.sampler_state()
-        for name, dst in current.items():
-            src = state.get(name)
-            if src is None or src.shape != dst.shape:
-                raise ValueError(f"sampler state {name!r}: expected shape {list(dst.shape)}, got "
-                                 f"{None if src is None else list(src.shape)}")  # fmt: skip
-            if name != "num_steps":
-                dst.copy_(src)
-        self.num_steps = int(state["num_steps"])
+        self.num_steps = load_sampler_state_(self.sampler_state(), state)
 
     def distance(self) -> torch.Tensor:
         """``||w - w*||`` over the sampled parameters (fp32 masters), a 0-d tensor read without a host sync."""
@@ -312,3 +304,22 @@ class SGLD(torch.optim.Optimizer):
     def master_of(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master value of parameter ``p`` (``p`` itself when it is fp32)."""
         return self._view_of(p, "master")
+
+
+@torch.no_grad()
+def load_sampler_state_(current: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> int:
+    """Copy ``state`` into the live buffers ``current`` (both as ``sampler_state()`` gives them); returns the
+    step counter to continue from.
+
+    Raises:
+        ValueError: a buffer is missing or has another shape (nothing is half-copied: all are checked first).
+    """
+    for name, dst in current.items():
+        src = state.get(name)
+        if src is None or src.shape != dst.shape:
+            raise ValueError(f"sampler state {name!r}: expected shape {list(dst.shape)}, got "
+                             f"{None if src is None else list(src.shape)}")  # fmt: skip
+    for name, dst in current.items():
+        if name != "num_steps":
+            dst.copy_(state[name])
+    return int(state["num_steps"])

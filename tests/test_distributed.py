@@ -95,6 +95,9 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
             loss_fn = _FailingLoss(rank=1, at=200)
         elif case == "ckpt_done":  # a finished run: nothing may be evaluated again
             loss_fn = _FailingLoss(rank=rank, at=1)
+        if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
+            with torch.no_grad():
+                model[0].weight.add_(1e-3)
         checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
         res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
                           per_token="token" in case, checkpoint=checkpoint)  # fmt: skip
@@ -228,6 +231,12 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
     for rank in range(world):
         assert torch.equal(BIFResult.load(tmp_path / f"ckpt_done-rank{rank}").bif,
                            BIFResult.load(tmp_path / "ckpt-rank0").bif)  # fmt: skip
+
+
+def test_ranks_given_different_models_are_refused(tmp_path):
+    statuses = _spawn(tmp_path, 2, "mismatch")
+    for s in statuses:
+        assert s["type"] == "ValueError" and "param_checksums on rank 1" in s["message"], s
 
 
 def test_outside_a_process_group_nothing_changes():

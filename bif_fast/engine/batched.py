@@ -30,6 +30,7 @@ from bif_fast.engine.data import leading_dims
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_steps_
 from bif_fast.engine.units import LossModule, full_batch_term, loss_module_names
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
+from bif_fast.sampler import load_sampler_state_
 
 __all__ = ["ChainBatch"]
 
@@ -210,15 +211,7 @@ class ChainBatch:
         Raises:
             ValueError: a buffer is missing or has another shape.
         """
-        with torch.no_grad():
-            for name, dst in self.sampler_state().items():
-                src = state.get(name)
-                if src is None or src.shape != dst.shape:
-                    raise ValueError(f"sampler state {name!r}: expected shape {list(dst.shape)}, got "
-                                     f"{None if src is None else list(src.shape)}")  # fmt: skip
-                if name != "num_steps":
-                    dst.copy_(src)
-        self.num_steps = int(state["num_steps"])
+        self.num_steps = load_sampler_state_(self.sampler_state(), state)
 
     def distance(self) -> torch.Tensor:
         """``[C]`` ||w - w*|| of each chain (no sync)."""

@@ -92,6 +92,19 @@ class Ranks:
             raise RankFailure(f"bif_fast: rank 0 of {self.world} failed ({value}); no BIF on any rank", 0)
         return from_wire(value)
 
+    def check_same(self, record: dict[str, Any]) -> None:
+        """Every rank must call with the same ``record`` (e.g. w*'s checksums, the data sizes, the config):
+        a model initialised differently on one rank would otherwise sample another posterior there. Raises
+        the same ``ValueError`` on every rank, naming what differs and where."""
+        if not self.active:
+            return
+        records = self.all_gather(record)
+        diffs = [f"{key} on rank {r}" for r, other in enumerate(records) for key in sorted(record)
+                 if other.get(key) != records[0].get(key)]  # fmt: skip
+        if diffs:
+            raise ValueError("bif_fast: the ranks were not given the same run: " + ", ".join(diffs) + " differ(s) "
+                             "from rank 0 (load the same trained weights and data on every rank)")  # fmt: skip
+
     def all_gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (picklable, small), in rank order."""
         if not self.active:

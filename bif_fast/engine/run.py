@@ -20,7 +20,7 @@ from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig
 from bif_fast.engine.calibrate import curvature_mass_at_w_star, full_gradient
 from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_chains
-from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal
+from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal, run_identity
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
 from bif_fast.engine.distributed import Ranks, RowShard
@@ -86,6 +86,8 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         except Exception as e:  # every rank learns of it below, then raises
             error = e
         ranks.raise_if_any_failed(error)
+        ranks.check_same(run_identity(sampled, train, query, config=config.to_dict(), per_token=per_token,
+                                      world=ranks.world))  # fmt: skip
         rows = _Rows.of(shard, sides[0])
         if restored is not None and "mass.basis" in restored.tensors:
             mass = LowRankMass(restored.tensors["mass.basis"].to(device), restored.tensors["mass.scale"].to(device),
