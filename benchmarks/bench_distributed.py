@@ -75,7 +75,7 @@ def _problem(name: str):
         logits = m(ids[:, :-1])
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
-    return model, train, query, token_loss, config, True
+    return _seeded(model, g), train, query, token_loss, config, True
 
 
 def _worker(rank: int, world: int, tmp: str, name: str) -> None:
