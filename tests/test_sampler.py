@@ -254,3 +254,50 @@ def test_baoab_with_rmsprop_is_rejected_and_config_round_trips():
 def test_bad_parameters_raise(params, match):
     with pytest.raises(ValueError, match=match):
         SGLD(params, CFG)
+
+
+@pytest.mark.parametrize("dtype, sampler, bytes_per_param", [
+    (torch.bfloat16, "sgld", 10), (torch.bfloat16, "rmsprop", 14), (torch.bfloat16, "baoab", 14),
+    (torch.float32, "sgld", 12), (torch.float32, "rmsprop", 16), (torch.float32, "baoab", 16),
+])  # fmt: skip
+def test_sampler_memory_per_sampled_parameter(dtype, sampler, bytes_per_param):
+    """The bytes SGLD keeps alive per sampled parameter after a step, tracked through every allocation (the
+    README's table): the packed weights, w*, the gradient (each in the parameters' dtype), the fp32 master
+    (the weights themselves in fp32) and the fp32 state (RMSprop / BAOAB); nothing for unsampled weights."""
+    import gc
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Track(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.refs += [weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sampled = [model[0].weight, model[1].weight]  # a subset: the biases stay as they are
+    for p in sampled:
+        p.requires_grad_(True)
+    numel = sum(p.numel() for p in sampled)
+    kw = {"rmsprop": {"precondition": "rmsprop"}, "baoab": {"sampler": "baoab", "friction": 1.0}}.get(sampler, {})
+    x = torch.randn(8, 64, dtype=dtype)
+    with Track() as tracked:
+        opt = SGLD(sampled, SGLDConfig(lr=1e-4, nbeta=10.0, **kw), seed=0, backend="torch")
+        model(x).sum().backward()
+        opt.step()
+    gc.collect()
+    live = {}
+    for ref in tracked.refs:
+        t = ref()
+        if t is not None:
+            live[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    per_param = sum(live.values()) / numel
+    assert bytes_per_param <= per_param <= bytes_per_param + 0.05, per_param
