@@ -122,6 +122,19 @@ def _lm(provider: str, train: int, metric: str = "time") -> Key:
     return Key(provider, "end_to_end", LM.format(train), metric)
 
 
+def _lm_row(provider: str, what: str) -> Row:
+    """``provider`` against devinterp on the per-token problem at 256 sequences (``t``, ``m``: time, memory;
+    ``bt``, ``bm`` devinterp's), and the ratios at 128 and 512 (the same names suffixed ``128`` / ``512``)."""
+    measures = {}
+    for tag, train in (("", 256), ("128", 128), ("512", 512)):
+        measures |= {f"t{tag}": _lm(provider, train), f"m{tag}": _lm(provider, train, "peak_mem_above_base"),
+                     f"bt{tag}": _lm("devinterp", train), f"bm{tag}": _lm("devinterp", train, "peak_mem_above_base")}
+    return Row(op="end_to_end", dtype="float32", what=what, bif_fast="{t:time}, {m:mem}",
+               baseline="devinterp `bif()`: {bt:time}, {bm:mem}",
+               ratio="{bt/t:x} faster, {bm/m:x} less memory (128 seqs: {bt128/t128:x}, {bm128/m128:x}; 512: "
+               "{bt512/t512:x}, {bm512/m512:x})", measures=measures)  # fmt: skip
+
+
 def _chains(provider: str, shapes: tuple[str, ...]) -> tuple[Key, ...]:
     """bench_chain_batch's times of ``provider`` on ``shapes``, both losses each."""
     return tuple(Key(provider, loss, shape) for shape in shapes for loss in CHAIN_LOSSES)
@@ -204,52 +217,9 @@ ROWS: list[Row] = [
             "ft": Key("floor", "end_to_end", MLP),
         },
     ),
-    Row(
-        op="end_to_end",
-        dtype="float32",
-        what="`compute_bif` per token, GPT-NeoX, 256 × 64-token train seqs, 8 queries, 2 × 40 draws, {threads}",
-        bif_fast="{t:time}, {m:mem}",
-        baseline="devinterp `bif()`: {bt:time}, {bm:mem}",
-        ratio="{bt/t:x} faster, {bm/m:x} less memory "
-        "(128 seqs: {bt128/t128:x}, {bm128/m128:x}; 512: {bt512/t512:x}, {bm512/m512:x})",
-        measures={
-            "t": _lm("bif_fast", 256),
-            "m": _lm("bif_fast", 256, "peak_mem_above_base"),
-            "bt": _lm("devinterp", 256),
-            "bm": _lm("devinterp", 256, "peak_mem_above_base"),
-            "t128": _lm("bif_fast", 128),
-            "m128": _lm("bif_fast", 128, "peak_mem_above_base"),
-            "bt128": _lm("devinterp", 128),
-            "bm128": _lm("devinterp", 128, "peak_mem_above_base"),
-            "t512": _lm("bif_fast", 512),
-            "m512": _lm("bif_fast", 512, "peak_mem_above_base"),
-            "bt512": _lm("devinterp", 512),
-            "bm512": _lm("devinterp", 512, "peak_mem_above_base"),
-        },
-    ),
-    Row(
-        op="end_to_end",
-        dtype="float32",
-        what="the same with the standard error on (`compute_stderr=True`, the default)",
-        bif_fast="{t:time}, {m:mem}",
-        baseline="devinterp `bif()`: {bt:time}, {bm:mem}",
-        ratio="{bt/t:x} faster, {bm/m:x} less memory (128 seqs: {bt128/t128:x}, {bm128/m128:x}; 512: "
-        "{bt512/t512:x}, {bm512/m512:x})",
-        measures={
-            "t": _lm("bif_fast-stderr", 256),
-            "m": _lm("bif_fast-stderr", 256, "peak_mem_above_base"),
-            "bt": _lm("devinterp", 256),
-            "bm": _lm("devinterp", 256, "peak_mem_above_base"),
-            "t128": _lm("bif_fast-stderr", 128),
-            "m128": _lm("bif_fast-stderr", 128, "peak_mem_above_base"),
-            "bt128": _lm("devinterp", 128),
-            "bm128": _lm("devinterp", 128, "peak_mem_above_base"),
-            "t512": _lm("bif_fast-stderr", 512),
-            "m512": _lm("bif_fast-stderr", 512, "peak_mem_above_base"),
-            "bt512": _lm("devinterp", 512),
-            "bm512": _lm("devinterp", 512, "peak_mem_above_base"),
-        },
-    ),
+    _lm_row("bif_fast", "`compute_bif` per token, GPT-NeoX, 256 × 64-token train seqs, 8 queries, 2 × 40 draws, "
+            "{threads}"),
+    _lm_row("bif_fast-stderr", "the same with the standard error on (`compute_stderr=True`, the default)"),
     Row(
         op="end_to_end",
         dtype="float32",
