@@ -20,6 +20,7 @@ from bif_fast.engine.checkpoint import Checkpoint, run_identity
 from bif_fast.engine.data import check_eval_data, check_sgld_data
 from bif_fast.engine.distributed import Ranks
 from bif_fast.engine.run import run_bif
+from bif_fast.engine.sharded import any_sharded
 from bif_fast.engine.units import LossFn
 from bif_fast.result import BIFError, BIFResult
 
@@ -101,6 +102,10 @@ def compute_bif(
     if config is None and sgld_data is not None:
         raise ValueError("the calibrated defaults (config=None) take full-batch gradients of train; pass a "
                          "config to sample with sgld_data")  # fmt: skip
+    if any_sharded(sampled) and (config is None or not config.shard_rows):
+        raise ValueError("an FSDP-sharded model samples every chain on every rank over its own rows: pass "
+                         "config=BIFConfig(..., shard_rows=True) (the calibrated defaults, config=None, run on "
+                         "rank 0 alone, which cannot run a sharded model)")  # fmt: skip
     if config is not None and config.shard_rows:
         _check_shard_rows(config, train, checkpoint)
     device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None

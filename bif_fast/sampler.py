@@ -11,6 +11,11 @@ does not change any element's index, so it does not change the noise.
 
 Low-precision parameters (bf16/fp16) keep an fp32 master copy in the optimizer; the model's tensors
 receive the rounded master after every step. fp32 parameters are their own master.
+
+FSDP2 parameters (``DTensor`` shards, ``bif_fast.engine.sharded``) are not packed: each rank updates its
+local piece in place, in the storage FSDP gathers from, one launch per parameter, with the noise of each
+element keyed by its index in the unsharded canonical flattening, so the chain does not depend on the
+sharding. Their distance and divergence flag are reduced over the mesh's process group.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from bif_fast._backend import Backend, resolve_backend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
+from bif_fast.engine.sharded import any_sharded, local_piece, sharded_group
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
 __all__ = ["SGLD", "load_sampler_state_"]
@@ -43,6 +49,7 @@ class _Segment:
     anchor: torch.Tensor  # [N] in dtype: w*
     state: torch.Tensor | None  # [N] fp32 RMSprop V / BAOAB velocity
     grad_views: list[torch.Tensor] = field(default_factory=list)  # each param's grad: a view of flat_grad
+    local_shape: torch.Size | None = None  # a DTensor's local piece (flat_param is a view of it), else None
 
 
 class SGLD(torch.optim.Optimizer):
@@ -117,7 +124,8 @@ class SGLD(torch.optim.Optimizer):
         self.resolved_backend = resolve_backend("sgld_update", self.device, backend)
         self.num_steps = 0
         self.diverged_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._segments = self._pack(unique)
+        self._group = sharded_group(unique) if any_sharded(unique) else None
+        self._segments = self._pieces(unique) if self._group is not None else self._pack(unique)
         self.mass = self._check_mass(mass)
         self._noise = torch.empty(self.numel, device=self.device) if self.mass is not None else None
         self._init_state()
@@ -149,11 +157,29 @@ class SGLD(torch.optim.Optimizer):
             offset += total
         return segments
 
+    def _pieces(self, params: list[torch.Tensor]) -> list[_Segment]:
+        """One segment per sharded parameter: its local piece, updated in place (``sharded`` module)."""
+        by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append((i, p))
+        segments, offset = [], 0
+        for dtype, group in by_dtype.items():
+            for i, p in group:
+                piece = local_piece(p, i)
+                flat = piece.local.view(-1)
+                master = flat if dtype == torch.float32 else flat.float()
+                segments.append(_Segment(dtype, offset + piece.start, [p], [0], flat, torch.zeros_like(flat), master,
+                                         flat.clone(), None, [], piece.local.shape))  # fmt: skip
+                offset += p.numel()
+        return segments
+
     def _check_mass(self, mass: LowRankMass | None) -> LowRankMass | None:
         if (mass is not None) != (self.config.mass == "curvature"):
             raise ValueError("SGLD needs a LowRankMass exactly when config.mass='curvature'")
         if mass is None:
             return None
+        if self._group is not None:
+            raise ValueError("a curvature mass does not combine with sharded (FSDP) parameters")
         if len(self._segments) != 1 or self._segments[0].dtype != torch.float32:
             raise ValueError("a curvature mass needs fp32 sampled parameters (one dtype)")
         if mass.basis.shape[0] != self.numel:
@@ -176,16 +202,40 @@ class SGLD(torch.optim.Optimizer):
 
     @property
     def numel(self) -> int:
-        """Number of sampled scalars."""
+        """Number of sampled scalars held here (of sharded parameters: this rank's pieces)."""
         return sum(seg.master.numel() for seg in self._segments)
 
     @property
+    def total_numel(self) -> int:
+        """Number of sampled scalars over every rank (``numel`` unless the parameters are sharded)."""
+        if self._group is None:
+            return self.numel
+        return sum(seg.params[0].numel() for seg in self._segments)
+
+    @property
     def diverged(self) -> bool:
-        """Whether any step produced a NaN or Inf (reads one flag from the device)."""
+        """Whether any step produced a NaN or Inf (reads one flag from the device; with sharded parameters
+        on any rank, a collective every rank must enter)."""
+        if self._group is not None:
+            flag = self.diverged_flag.clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            return bool(flag.item())
         return bool(self.diverged_flag.item())
 
     def _gather_grads(self, seg: _Segment) -> None:
-        """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer."""
+        """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer; a sharded
+        parameter's local gradient becomes the segment's gradient (FSDP assigns a new one every backward)."""
+        if seg.local_shape is not None:
+            g = seg.params[0].grad
+            if g is None:
+                seg.flat_grad.zero_()
+            else:
+                local = g.to_local()
+                if local.dtype == seg.dtype and local.is_contiguous():
+                    seg.flat_grad = local.view(-1)
+                else:
+                    seg.flat_grad = local.reshape(-1).to(seg.dtype).contiguous()
+            return
         for p, view in zip(seg.params, seg.grad_views, strict=True):
             g = p.grad
             if g is view:  # the usual case: backward accumulated into the view in place
@@ -237,6 +287,10 @@ class SGLD(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place (they stay views into the flat buffer; ``set_to_none`` is ignored)."""
         for seg in self._segments:
+            if seg.local_shape is not None:  # FSDP hands over a fresh reduced gradient every backward
+                seg.params[0].grad = None
+                seg.flat_grad = torch.zeros_like(seg.flat_param)
+                continue
             seg.flat_grad.zero_()
             for p, view in zip(seg.params, seg.grad_views, strict=True):
                 if p.grad is not view:
@@ -247,13 +301,18 @@ class SGLD(torch.optim.Optimizer):
         """Put the parameters back at w* exactly and restart the chain (optionally as another chain)."""
         if chain is not None:
             self.chain = chain
+        self.put_back()
+        self.num_steps = 0
+        self.diverged_flag.zero_()
+        self._init_state()
+
+    @torch.no_grad()
+    def put_back(self) -> None:
+        """Every sampled weight back at w* exactly (the chain's position is lost; ``reset`` restarts it)."""
         for seg in self._segments:
             seg.flat_param.copy_(seg.anchor)
             if seg.master is not seg.flat_param:
                 seg.master.copy_(seg.anchor)
-        self.num_steps = 0
-        self.diverged_flag.zero_()
-        self._init_state()
 
     def flat_grads(self) -> list[torch.Tensor]:
         """The packed gradient buffer of each dtype segment, every parameter's current gradient in it (e.g.
@@ -284,8 +343,13 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = load_sampler_state_(self.sampler_state(), state)
 
     def distance(self) -> torch.Tensor:
-        """``||w - w*||`` over the sampled parameters (fp32 masters), a 0-d tensor read without a host sync."""
+        """``||w - w*||`` over the sampled parameters (fp32 masters), a 0-d tensor read without a host sync
+        (with sharded parameters: over every rank's pieces, a collective)."""
         segs = self._segments
+        if self._group is not None:
+            total = sum((seg.master - seg.anchor.float()).square().sum() for seg in segs).reshape(1)
+            torch.distributed.all_reduce(total, group=self._group)
+            return total[0].sqrt()
         if len(segs) == 1 and segs[0].anchor.dtype == torch.float32:
             return torch.dist(segs[0].master, segs[0].anchor)
         return sum((seg.master - seg.anchor.float()).square().sum() for seg in segs).sqrt()
@@ -293,12 +357,14 @@ class SGLD(torch.optim.Optimizer):
     def _view_of(self, p: torch.Tensor, buffer: str) -> torch.Tensor:
         for seg in self._segments:
             for q, s in zip(seg.params, seg.starts, strict=True):
+                if q is p and seg.local_shape is not None:
+                    return getattr(seg, buffer).view(seg.local_shape)
                 if q is p:
                     return getattr(seg, buffer)[s : s + p.numel()].view_as(p)
         raise ValueError("p is not sampled by this optimizer")
 
     def anchor_of(self, p: torch.Tensor) -> torch.Tensor:
-        """w* of parameter ``p`` (a view into the optimizer's anchor buffer)."""
+        """w* of parameter ``p`` (a view into the optimizer's anchor buffer; of a DTensor, its local piece's)."""
         return self._view_of(p, "anchor")
 
     def master_of(self, p: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,6 @@ compares. Chains are split by global index (``c % world``), so the ranks run dif
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from bif_fast import BIFConfig, SGLDConfig, compute_bif
+from tests.ranks import spawn_ranks
 
 CHAINS = 5
-TIMEOUT_S = 120
 
 
 def _problem(case: str):
@@ -81,50 +79,31 @@ class _FailingLoss:
         return _loss(model, batch)
 
 
-def _worker(rank: int, world: int, tmp: str, case: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                                         world_size=world)  # fmt: skip
-    out: dict = {}
-    try:
-        model, train, query = _problem(case)
-        loss_fn = _CountingLoss()
-        if case.startswith("fail"):
-            loss_fn = _FailingLoss(rank=1, at=40) if case == "fail_sampling" else _FailingLoss(rank=world - 1, at=1)
-        elif case == "ckpt_fail":  # rank 1 fails in its second chain, after its first was written
-            loss_fn = _FailingLoss(rank=1, at=200)
-        elif case == "ckpt_done":  # a finished run: nothing may be evaluated again
-            loss_fn = _FailingLoss(rank=rank, at=1)
-        if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
-            with torch.no_grad():
-                model[0].weight.add_(1e-3)
-        checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
-        res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
-                          per_token="token" in case, checkpoint=checkpoint)  # fmt: skip
-        res.save(Path(tmp) / f"{case}-rank{rank}")
-        out = {"ok": True, "loss_calls": loss_fn.calls}
-        if case.startswith("shard"):  # across the shards: every rank calls it
-            values, rows = res.topk(3, normalized=False)
-            out["topk"] = [values.tolist(), rows.tolist()]
-    except Exception as e:
-        out = {"ok": False, "type": type(e).__name__, "message": str(e), "rank": getattr(e, "rank", None)}
-    finally:
-        torch.distributed.destroy_process_group()
-    (Path(tmp) / f"{case}-rank{rank}.json").write_text(json.dumps(out))
+def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
+    model, train, query = _problem(case)
+    loss_fn = _CountingLoss()
+    if case.startswith("fail"):
+        loss_fn = _FailingLoss(rank=1, at=40) if case == "fail_sampling" else _FailingLoss(rank=world - 1, at=1)
+    elif case == "ckpt_fail":  # rank 1 fails in its second chain, after its first was written
+        loss_fn = _FailingLoss(rank=1, at=200)
+    elif case == "ckpt_done":  # a finished run: nothing may be evaluated again
+        loss_fn = _FailingLoss(rank=rank, at=1)
+    if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
+        with torch.no_grad():
+            model[0].weight.add_(1e-3)
+    checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
+                      per_token="token" in case, checkpoint=checkpoint)  # fmt: skip
+    res.save(Path(tmp) / f"{case}-rank{rank}")
+    out: dict = {"loss_calls": loss_fn.calls}
+    if case.startswith("shard"):  # across the shards: every rank calls it
+        values, rows = res.topk(3, normalized=False)
+        out["topk"] = [values.tolist(), rows.tolist()]
+    return out
 
 
 def _spawn(tmp_path: Path, world: int, case: str) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path), case), nprocs=world, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {TIMEOUT_S} s (a rank waiting in a collective?)")
-    return [json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for r in range(world)]
+    return spawn_ranks(_worker, world, tmp_path, case)
 
 
 @pytest.mark.parametrize("world", [2, 3])

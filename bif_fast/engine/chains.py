@@ -85,7 +85,7 @@ class _Run:
         else:
             total, count = out.sum(), torch.tensor(float(out.numel()), dtype=torch.float64, device=out.device)
         count = self.shard.sum_(count.reshape(1).cpu()).to(out.device)
-        return total / count.to(out.dtype).clamp_min(1)
+        return total / count.to(out.dtype).clamp_min(1) * self.shard.loss_scale
 
     def minibatches(self, chain: int, skip: int = 0):
         """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""
@@ -119,12 +119,13 @@ class SequentialChains:
 
     def __init__(self, run: _Run, opt: SGLD):
         self.run, self.opt = run, opt
-        self.numel = opt.numel
+        self.numel = opt.total_numel
         self._batches: Any = None
 
     def reset(self, chains: list[int]) -> None:
         (c,) = chains
         self.run.state.reset_buffers()
+        self.run.state.reshard()
         self.opt.reset(chain=c)
         self._batches = self.run.minibatches(c)
 
@@ -149,17 +150,17 @@ class SequentialChains:
             self.opt.raw_step()
 
     def _sum_grads(self) -> None:
-        for grad in self.opt.flat_grads():
-            self.run.shard.sum_(grad)
+        self.run.shard.reduce_grads_(self.opt.flat_grads())
 
     def step_with_losses(self) -> list[torch.Tensor]:
         run, full = self.run, self.run.full
         run.state.own_mode()
         self.opt.zero_grad()
         outs = []
+        scale = 1.0 if run.shard is None else run.shard.loss_scale
         for batch in full.batches:
             out, mask = loss_and_mask(run.loss_fn, run.model, batch, run.per_token)
-            full_batch_term(out, mask, full.count, run.per_token).backward()
+            (full_batch_term(out, mask, full.count, run.per_token) * scale).backward()
             outs.append(out.detach().unsqueeze(0))
         if run.shard is not None:  # this rank's rows of the full batch; full.count is every rank's
             self._sum_grads()
@@ -169,6 +170,7 @@ class SequentialChains:
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         self.run.state.eval_mode()
         outs, _ = evaluate(self.run.model, batches, self.run.loss_fn, self.run.per_token, "")
+        self.run.state.reshard()
         return [o.unsqueeze(0) for o in outs]
 
     def distance(self) -> torch.Tensor:
@@ -181,6 +183,7 @@ class SequentialChains:
         return {**{f"opt.{k}": v for k, v in self.opt.sampler_state().items()}, **self.run.buffers()}
 
     def resume(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.run.state.reshard()
         self.opt.load_sampler_state({k[4:]: v for k, v in snapshot.items() if k.startswith("opt.")})
         self.run.load_buffers(snapshot)
         self._batches = self.run.minibatches(self.opt.chain, skip=self.opt.num_steps)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from bif_fast.engine.distributed import Ranks
+from bif_fast.engine.sharded import checksums
 
 __all__ = ["Checkpoint", "Restored", "json_normal", "run_identity"]
 
@@ -58,8 +59,7 @@ def run_identity(sampled: Sequence[torch.Tensor], train: Any, query: Any, *, con
     whose chosen config the checkpoint itself supplies)."""
     from bif_fast import __version__
 
-    with torch.no_grad():
-        sums = [[float(p.double().sum()), float(p.double().square().sum())] for p in sampled]
+    sums = [checksums(p) for p in sampled]
     config = None if config is None else {k: v for k, v in config.items() if k not in ("progress", "calibration")}
     return json_normal({
         "format": FORMAT,

@@ -126,16 +126,55 @@ class RowShard:
 
     Every rank runs every chain, so the chains' weights must stay equal on every rank: each SGLD gradient is
     the sum over the ranks of each one's part (``local_batch`` of every minibatch, or its own rows of the
-    full batch), reduced before the step, and decisions about a chain (divergence) are reduced too."""
+    full batch), reduced before the step, and decisions about a chain (divergence) are reduced too.
+
+    With an FSDP model (``fsdp``) the model itself is sharded: its backward already reduces the gradient (a
+    mean over the ranks, which ``loss_scale`` turns into the sum), every forward is a collective, so every
+    rank must run as many forwards as the others (``same_count``), and the sampler steps each rank's piece."""
 
     ranks: Ranks
     lo: int
     hi: int
+    fsdp: bool = False
 
     @classmethod
-    def of(cls, ranks: Ranks, num_sequences: int) -> RowShard:
+    def of(cls, ranks: Ranks, num_sequences: int, fsdp: bool = False) -> RowShard:
         lo = ranks.rank * num_sequences // ranks.world
-        return cls(ranks, lo, (ranks.rank + 1) * num_sequences // ranks.world)
+        return cls(ranks, lo, (ranks.rank + 1) * num_sequences // ranks.world, fsdp)
+
+    @property
+    def loss_scale(self) -> float:
+        """What this rank's part of the loss is multiplied by before backward: FSDP divides the summed
+        gradient by the world size, which this undoes."""
+        return float(self.ranks.world) if self.fsdp else 1.0
+
+    def reduce_grads_(self, grads: list[torch.Tensor]) -> None:
+        """The ranks' gradient parts summed in place (FSDP's backward has done it already)."""
+        if not self.fsdp:
+            for grad in grads:
+                self.sum_(grad)
+
+    def same_count(self, batches: list) -> list:
+        """``batches`` split until this rank has as many as the rank with most (each evaluation then makes the
+        same number of forwards, the collectives of an FSDP model, on every rank); unchanged without FSDP.
+
+        Raises:
+            ValueError: a rank has fewer batches and none of them has two rows to split.
+        """
+        if not self.fsdp:
+            return batches
+        target = max(self.ranks.all_gather(len(batches)))
+        out = list(batches)
+        while len(out) < target:
+            sizes = [_batch_rows(b) or 0 for b in out]
+            i = max(range(len(out)), key=sizes.__getitem__)
+            if sizes[i] < 2:
+                raise ValueError(f"an FSDP model needs the same number of evaluation batches on every rank: rank "
+                                 f"{self.ranks.rank} has {len(out)} of single rows, another {target} (raise "
+                                 "eval_batch_size)")  # fmt: skip
+            half = sizes[i] // 2
+            out[i : i + 1] = [_rows(out[i], slice(None, half), sizes[i]), _rows(out[i], slice(half, None), sizes[i])]
+        return out
 
     def local_batch(self, batch: Any) -> Any:
         """This rank's share of a minibatch: rows ``rank::world`` of every tensor with the batch's length."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 import torch
+
+from bif_fast.engine.sharded import fsdp_modules, is_sharded
 
 __all__ = ["ModelState"]
 
@@ -28,7 +30,11 @@ class ModelState:
     def __init__(self, model: torch.nn.Module, sampled: Sequence[torch.Tensor]):
         self.model = model
         ids = {id(p) for p in sampled}
-        self._sampled = [(p, p.data, p.grad) for p in sampled]
+        # A packed sampler moves the weights to its own storage and leaves the originals here untouched; an
+        # FSDP piece is stepped in place, and whoever steps it puts w* back (``restore_with``).
+        self._sampled = [(p, None if is_sharded(p) else p.data, p.grad) for p in sampled]
+        self._restorers: list[Callable[[], None]] = []
+        self._fsdp = fsdp_modules(model) if any(is_sharded(p) for p in sampled) else []
         self._frozen = [(p, p.grad) for p in model.parameters() if p.requires_grad and id(p) not in ids]
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._flags = [(m, m.training) for m in model.modules()]
@@ -40,16 +46,30 @@ class ModelState:
             p.requires_grad_(False)
         return self
 
+    def restore_with(self, restore: Callable[[], None]) -> None:
+        """Call ``restore`` on exit, before the weights are put back (it puts back what was updated in place)."""
+        self._restorers.append(restore)
+
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         with torch.no_grad():
+            self.reshard()
+            for restore in self._restorers:
+                restore()
             for p, data, grad in self._sampled:
-                p.data = data
+                if data is not None:
+                    p.data = data
                 p.grad = grad
             self.reset_buffers()
             for p, grad in self._frozen:
                 p.requires_grad_(True)
                 p.grad = grad
         self.own_mode()
+
+    def reshard(self) -> None:
+        """An FSDP model's gathered weights freed, so that its next forward gathers the pieces as they are now
+        (``engine.sharded``); nothing for any other model."""
+        for module in self._fsdp:
+            module.reshard()
 
     @property
     def modes_agree(self) -> bool:

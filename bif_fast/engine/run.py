@@ -27,6 +27,7 @@ from bif_fast.engine.distributed import Ranks, RowShard
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
+from bif_fast.engine.sharded import any_sharded
 from bif_fast.engine.units import LossFn, Units, check_loss, evaluate, loss_and_mask
 from bif_fast.result import BIFError
 from bif_fast.sampler import SGLD
@@ -74,13 +75,13 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
     t_start = time.perf_counter()
     device = sampled[0].device
     ranks = Ranks.current()
-    shard = RowShard.of(ranks, len(train)) if config.shard_rows and ranks.active else None
+    shard = RowShard.of(ranks, len(train), any_sharded(sampled)) if config.shard_rows and ranks.active else None
     with ModelState(model, sampled) as state:
         state.eval_mode()
         error, sides, restored = None, None, None
         try:
             mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
-            sides = [eval_set(model, data, loss_fn, config, per_token, device, name)
+            sides = [eval_set(model, data, loss_fn, config, per_token, device, name, shard if name == "train" else None)
                      for data, name in ((mine, "train"), (query, "query"))]  # fmt: skip
             restored = None if checkpoint is None else _restore(checkpoint, config, sides)
         except Exception as e:  # every rank learns of it below, then raises
@@ -172,6 +173,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     n, p = sides[0].units.n, sides[1].units.n
     full = FullBatch(sides[0].batches, rows.total) if config.batch_size == "full" else None
     opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
+    state.restore_with(opt.put_back)  # sharded pieces are updated in place: w* is copied back at the end
     eval_rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
     size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, eval_rows)
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
@@ -232,10 +234,13 @@ def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches
 
 
 def eval_set(model, data: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool, device: torch.device,
-              name: str) -> EvalSet:  # fmt: skip
-    """Collate the evaluation batches once, on the model's device, and find the units from the losses at w*."""
+             name: str, shard: RowShard | None = None) -> EvalSet:  # fmt: skip
+    """Collate the evaluation batches once, on the model's device, and find the units from the losses at w*
+    (a shard of an FSDP model's rows: in as many batches as every other rank's)."""
     size = _eval_batch_size(model, data, loss_fn, config, per_token, device, name)
     batches = eval_batches(data, size, device)
+    if shard is not None:
+        batches = shard.same_count(batches)
     outs, masks = evaluate(model, batches, loss_fn, per_token, name, check=True)
     units = Units(per_token)
     units.discover(outs, masks, name)
