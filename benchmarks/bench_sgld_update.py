@@ -3,7 +3,9 @@
 Models are transformer-shaped parameter lists (12 blocks of qkv, out, up, down projections, two
 LayerNorms each, plus embeddings): ~1M and ~50M parameters in ~100 tensors. Gradients are fixed
 random tensors, so only the optimizer step is timed (median over ``--steps`` steps of each of
-``--repeats`` runs, providers interleaved in one process). Update rules:
+``--repeats`` runs, providers interleaved in one process). ``bif_fast`` is the default layout (tensors of
+at least 65,536 elements updated in place, one launch each; smaller ones packed), ``bif_fast-packed``
+every tensor packed into one buffer (one launch per step, a copy of the weights). Update rules:
 
 - ``sgld``     bif_fast ``SGLD`` | devinterp ``SGMCMC.sgld`` | naive per-tensor torch loop
 - ``rmsprop``  bif_fast ``SGLD(precondition="rmsprop")`` | devinterp ``SGMCMC.rmsprop_sgld`` | naive loop
@@ -80,13 +82,13 @@ class NaiveLoop:
 
 
 def make_optimizer(provider: str, rule: str, params):
-    if provider == "bif_fast":
+    if provider in ("bif_fast", "bif_fast-packed"):
         cfg = bif_fast.SGLDConfig(
             lr=LR, nbeta=NBETA, localization=LOC,
             sampler="baoab" if rule == "baoab" else "sgld",
             precondition="rmsprop" if rule == "rmsprop" else "none",
         )  # fmt: skip
-        return bif_fast.SGLD(params, cfg, seed=0)
+        return bif_fast.SGLD(params, cfg, seed=0, layout="packed" if provider == "bif_fast-packed" else "auto")
     if provider == "naive-torch":
         return NaiveLoop(params, rule)
     if provider == "devinterp":
@@ -143,10 +145,10 @@ def main() -> None:
     try:
         import devinterp  # noqa: F401
 
-        providers = ["bif_fast", "devinterp", "naive-torch"]
+        providers = ["bif_fast", "bif_fast-packed", "devinterp", "naive-torch"]
     except ImportError:
         print("devinterp is not installed: its rows are skipped (pip install devinterp==2.0.1)")
-        providers = ["bif_fast", "naive-torch"]
+        providers = ["bif_fast", "bif_fast-packed", "naive-torch"]
     backend = bif_fast.available_backends()["sgld_update"]["cuda" if args.device == "cuda" else "cpu"]
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, bif_fast sgld_update backend: {backend}")
     rows = []
@@ -177,6 +179,9 @@ def main() -> None:
                 common = {"provider": provider, "mode": rule, "shape": shape, "dtype": "fp32", "n_runs": len(ts)}
                 rows.append({**common, "metric": "step_time", "unit": "ms", "p50": p50 * 1e3, "p20": p20 * 1e3,
                              "p80": p80 * 1e3})  # fmt: skip
+                if provider == "bif_fast-packed":
+                    rows.append({**common, "metric": "speedup_vs_bif_fast", "unit": "x",
+                                 "p50": quantiles(times["bif_fast"])[0] / p50})  # fmt: skip
                 if provider == "bif_fast":
                     if base:
                         rows.append({**common, "metric": "speedup_vs_devinterp", "unit": "x", "p50": base / p50})

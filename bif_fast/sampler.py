@@ -1,8 +1,12 @@
 """``SGLD``: a ``torch.optim.Optimizer`` that samples the localised posterior with one launch per step.
 
-At construction the sampled parameters are packed, in a canonical order, into flat buffers (one per
-parameter dtype): each parameter and its ``.grad`` become views into them, so a step is a single
-``sgld_update_`` launch over the whole buffer instead of one small kernel per tensor.
+Layout (``layout=``): small parameters (biases, norms: under ``IN_PLACE_MIN_NUMEL`` elements) are packed into
+flat buffers, one per run of consecutive parameters of a dtype; each parameter and its ``.grad`` become views
+into them, so a step is one ``sgld_update_`` launch per run instead of one small kernel per tensor. Large
+parameters are updated in place, in the model's own storage, one launch each: the sampler then holds no
+copy of their weights, only the fp32 master (for bf16/fp16), w* and the sampler state, and the gradient
+exists only between a backward and the step (``zero_grad`` frees it). The layout changes no number: every
+element's update and noise are those of the packed chain.
 
 Canonical flattening (which fixes each element's noise): parameters are grouped by dtype in order
 of first appearance, and within a dtype taken in the order given, each flattened row-major. For the
@@ -12,8 +16,8 @@ does not change any element's index, so it does not change the noise.
 Low-precision parameters (bf16/fp16) keep an fp32 master copy in the optimizer; the model's tensors
 receive the rounded master after every step. fp32 parameters are their own master.
 
-FSDP2 parameters (``DTensor`` shards, ``bif_fast.engine.sharded``) are not packed: each rank updates its
-local piece in place, in the storage FSDP gathers from, one launch per parameter, with the noise of each
+FSDP2 parameters (``DTensor`` shards, ``bif_fast.engine.sharded``) are always in place: each rank updates its
+local piece, in the storage FSDP gathers from, one launch per parameter, with the noise of each
 element keyed by its index in the unsharded canonical flattening, so the chain does not depend on the
 sharding. Their distance and divergence flag are reduced over the mesh's process group.
 """
@@ -22,34 +26,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from bif_fast._backend import Backend, resolve_backend
 from bif_fast.config import SGLDConfig
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_step_
-from bif_fast.engine.sharded import any_sharded, local_piece, sharded_group
+from bif_fast.engine.sharded import any_sharded, is_sharded, local_piece, sharded_group
 from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
 
-__all__ = ["SGLD", "load_sampler_state_"]
+__all__ = ["IN_PLACE_MIN_NUMEL", "SGLD", "Layout", "load_sampler_state_"]
+
+Layout = Literal["auto", "packed", "in_place"]
+# ``layout="auto"`` updates parameters of at least this many elements in place: below it a packed copy costs
+# little memory and saves a launch per tensor, above it the copy is what keeps a large model from fitting.
+IN_PLACE_MIN_NUMEL = 1 << 16
 
 
 @dataclass
 class _Segment:
-    """The parameters of one dtype, packed."""
+    """A run of parameters of one dtype, packed, or one parameter updated in place (``local_shape`` set)."""
 
     dtype: torch.dtype
     offset: int  # canonical index of the first element
     params: list[torch.Tensor]
     starts: list[int]  # start of each param within the segment
     flat_param: torch.Tensor  # [N] in dtype; the params are views into it
-    flat_grad: torch.Tensor  # [N] in dtype; the grads are views into it
+    flat_grad: torch.Tensor | None  # [N] in dtype; packed: the grads are views into it; in place: the current grad
     master: torch.Tensor  # [N] fp32 (the same tensor as flat_param when dtype is fp32)
     anchor: torch.Tensor  # [N] in dtype: w*
     state: torch.Tensor | None  # [N] fp32 RMSprop V / BAOAB velocity
     grad_views: list[torch.Tensor] = field(default_factory=list)  # each param's grad: a view of flat_grad
-    local_shape: torch.Size | None = None  # a DTensor's local piece (flat_param is a view of it), else None
+    local_shape: torch.Size | None = None  # in place: the parameter's (a DTensor's: its local piece's) shape
 
 
 class SGLD(torch.optim.Optimizer):
@@ -68,9 +77,13 @@ class SGLD(torch.optim.Optimizer):
         backend (str): ``auto`` | ``triton`` | ``torch``. Default: ``auto``.
         mass (LowRankMass | None): the low-rank mass of ``config.mass="curvature"`` (required then, over the
             canonical flattening of fp32 parameters; ``bif_fast.engine.mass``). Default: None.
+        layout (str): ``auto`` (parameters of at least ``IN_PLACE_MIN_NUMEL`` elements in place, the rest
+            packed) | ``packed`` (every parameter packed; the curvature mass needs it) | ``in_place`` (every
+            contiguous parameter in place; sharded parameters always are). Default: ``auto``.
 
     Raises:
-        ValueError: no parameters, non-float or non-leaf parameters, or parameters on several devices.
+        ValueError: no parameters, non-float or non-leaf parameters, parameters on several devices, or a layout
+            the parameters or the mass cannot take.
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -90,6 +103,7 @@ class SGLD(torch.optim.Optimizer):
         chain: int = 0,
         backend: Backend = "auto",
         mass: LowRankMass | None = None,
+        layout: Layout = "auto",
     ) -> None:
         config = SGLDConfig() if config is None else config
         if not isinstance(config, SGLDConfig):
@@ -125,37 +139,66 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = 0
         self.diverged_flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._group = sharded_group(unique) if any_sharded(unique) else None
-        self._segments = self._pieces(unique) if self._group is not None else self._pack(unique)
+        self._segments = self._lay_out(unique, layout, mass is not None)
         self.mass = self._check_mass(mass)
         self._noise = torch.empty(self.numel, device=self.device) if self.mass is not None else None
         self._init_state()
 
-    def _pack(self, params: list[torch.Tensor]) -> list[_Segment]:
+    def _lay_out(self, params: list[torch.Tensor], layout: Layout, has_mass: bool) -> list[_Segment]:
+        """The segments in canonical order: by dtype, then as given; runs of packed parameters and single
+        parameters in place, each segment's offset the canonical index of its first element."""
+        if layout not in ("auto", "packed", "in_place"):
+            raise ValueError(f"layout must be 'auto', 'packed' or 'in_place', got {layout!r}")
+        if self._group is not None:
+            if layout == "packed":
+                raise ValueError("sharded (FSDP) parameters are updated in place; layout='packed' cannot hold them")
+            return self._pieces(params)
+        if has_mass and layout == "in_place":
+            raise ValueError("a curvature mass acts on one packed buffer; it needs layout='auto' or 'packed'")
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
-        segments, offset = [], 0
+        segments: list[_Segment] = []
+        offset = 0
         for dtype, group in by_dtype.items():
-            starts, total = [], 0
-            for p in group:
-                starts.append(total)
-                total += p.numel()
-            flat_param = torch.empty(total, dtype=dtype, device=self.device)
-            flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
-            with torch.no_grad():
-                for p, s in zip(group, starts, strict=True):
-                    flat_param[s : s + p.numel()].copy_(p.reshape(-1))
-                    p.data = flat_param[s : s + p.numel()].view_as(p)
-                    if p.grad is not None:
-                        flat_grad[s : s + p.numel()].copy_(p.grad.reshape(-1))
-                    p.grad = flat_grad[s : s + p.numel()].view_as(p)
-            master = flat_param if dtype == torch.float32 else flat_param.float()
-            segments.append(
-                _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None,
-                         [p.grad for p in group])
-            )  # fmt: skip
-            offset += total
+            run: list[torch.Tensor] = []
+            for p in group + [None]:  # None closes the last run
+                if p is not None and not _stays_in_place(p, layout, has_mass):
+                    run.append(p)
+                    continue
+                if run:
+                    segments.append(self._pack(dtype, run, offset))
+                    offset += segments[-1].master.numel()
+                    run = []
+                if p is not None:
+                    segments.append(self._in_place(p, offset))
+                    offset += p.numel()
         return segments
+
+    def _pack(self, dtype: torch.dtype, group: list[torch.Tensor], offset: int) -> _Segment:
+        """One packed segment: the parameters (and their grads) re-pointed to views of new flat buffers."""
+        starts, total = [], 0
+        for p in group:
+            starts.append(total)
+            total += p.numel()
+        flat_param = torch.empty(total, dtype=dtype, device=self.device)
+        flat_grad = torch.zeros(total, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            for p, s in zip(group, starts, strict=True):
+                flat_param[s : s + p.numel()].copy_(p.reshape(-1))
+                p.data = flat_param[s : s + p.numel()].view_as(p)
+                if p.grad is not None:
+                    flat_grad[s : s + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = flat_grad[s : s + p.numel()].view_as(p)
+        master = flat_param if dtype == torch.float32 else flat_param.float()
+        return _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None,
+                        [p.grad for p in group])  # fmt: skip
+
+    def _in_place(self, p: torch.Tensor, offset: int) -> _Segment:
+        """One parameter updated in its own storage: the segment holds views of it, w* and (bf16/fp16) a master."""
+        flat = p.data.view(-1)
+        master = flat if p.dtype == torch.float32 else flat.float()
+        return _Segment(p.dtype, offset, [p], [0], flat, None, master, flat.clone(), None, [], p.shape)
 
     def _pieces(self, params: list[torch.Tensor]) -> list[_Segment]:
         """One segment per sharded parameter: its local piece, updated in place (``sharded`` module)."""
@@ -168,8 +211,8 @@ class SGLD(torch.optim.Optimizer):
                 piece = local_piece(p, i)
                 flat = piece.local.view(-1)
                 master = flat if dtype == torch.float32 else flat.float()
-                segments.append(_Segment(dtype, offset + piece.start, [p], [0], flat, torch.zeros_like(flat), master,
-                                         flat.clone(), None, [], piece.local.shape))  # fmt: skip
+                segments.append(_Segment(dtype, offset + piece.start, [p], [0], flat, None, master, flat.clone(), None,
+                                         [], piece.local.shape))  # fmt: skip
                 offset += p.numel()
         return segments
 
@@ -201,6 +244,12 @@ class SGLD(torch.optim.Optimizer):
         return [p for seg in self._segments for p in seg.params]
 
     @property
+    def in_place(self) -> bool:
+        """Whether some parameter is updated in its own storage (``put_back`` then restores it; packed
+        parameters are restored by pointing them back at their original storage)."""
+        return any(seg.local_shape is not None for seg in self._segments)
+
+    @property
     def numel(self) -> int:
         """Number of sampled scalars held here (of sharded parameters: this rank's pieces)."""
         return sum(seg.master.numel() for seg in self._segments)
@@ -223,14 +272,15 @@ class SGLD(torch.optim.Optimizer):
         return bool(self.diverged_flag.item())
 
     def _gather_grads(self, seg: _Segment) -> None:
-        """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer; a sharded
-        parameter's local gradient becomes the segment's gradient (FSDP assigns a new one every backward)."""
+        """Re-attach grads that were replaced (``set_to_none``, user code) to the flat buffer; a parameter in
+        place hands its current gradient to the segment (of a DTensor: the local piece, which FSDP assigns anew
+        every backward; an unused parameter's is zero: the prior and the noise still act)."""
         if seg.local_shape is not None:
             g = seg.params[0].grad
             if g is None:
-                seg.flat_grad.zero_()
+                seg.flat_grad = torch.zeros_like(seg.flat_param)
             else:
-                local = g.to_local()
+                local = g.to_local() if is_sharded(g) else g
                 if local.dtype == seg.dtype and local.is_contiguous():
                     seg.flat_grad = local.view(-1)
                 else:
@@ -285,16 +335,25 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients in place (they stay views into the flat buffer; ``set_to_none`` is ignored)."""
+        """Packed gradients zeroed in place (they stay views into the flat buffer); those of parameters in
+        place freed (the next backward allocates them, so no gradient is held between steps).
+        ``set_to_none`` is ignored."""
+        self.release_grads()
         for seg in self._segments:
-            if seg.local_shape is not None:  # FSDP hands over a fresh reduced gradient every backward
-                seg.params[0].grad = None
-                seg.flat_grad = torch.zeros_like(seg.flat_param)
+            if seg.local_shape is not None:
                 continue
             seg.flat_grad.zero_()
             for p, view in zip(seg.params, seg.grad_views, strict=True):
                 if p.grad is not view:
                     p.grad = view
+
+    def release_grads(self) -> None:
+        """The gradients of parameters in place freed (as ``zero_grad`` does), packed ones left as they are:
+        called after a step, so that no gradient of a large weight is held while the model is evaluated."""
+        for seg in self._segments:
+            if seg.local_shape is not None:
+                seg.params[0].grad = None
+                seg.flat_grad = None
 
     @torch.no_grad()
     def reset(self, *, chain: int | None = None) -> None:
@@ -370,6 +429,13 @@ class SGLD(torch.optim.Optimizer):
     def master_of(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master value of parameter ``p`` (``p`` itself when it is fp32)."""
         return self._view_of(p, "master")
+
+
+def _stays_in_place(p: torch.Tensor, layout: Layout, has_mass: bool) -> bool:
+    """Whether ``layout`` updates ``p`` in its own storage (which must be one contiguous run)."""
+    if has_mass or layout == "packed" or not p.is_contiguous():
+        return False
+    return layout == "in_place" or p.numel() >= IN_PLACE_MIN_NUMEL
 
 
 @torch.no_grad()

@@ -665,3 +665,55 @@ def test_per_token_sampling_holds_two_n_by_p_matrices(monkeypatch):
     res = compute_bif(model, train, query, loss_fn=_token_loss, config=cfg, per_token=True)
     assert res.diagnostics["chain_state"] == "traces" and res.stderr is not None
     assert len(seen) == 3 * 4 and max(seen) == 2, seen
+
+
+def test_large_bf16_weights_are_sampled_in_place_with_only_master_and_w_star_beside(monkeypatch):
+    """A bf16 model whose sampled weights are large: while sampling, what is alive beyond the model is the
+    fp32 master and w* of the sampled weights (6 B each; the gradient is freed after every step), against
+    10 B when they are packed (the packed copy, the gradient buffer, w*, the master). Both layouts give the
+    same result bit for bit, and the model ends at w* in its own storage."""
+    import gc
+    import warnings
+
+    import bif_fast.sampler as sampler_module
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 256, generator=g), torch.randn(12, 4, generator=g)
+    train, query = TensorDataset(x[:8], y[:8]), TensorDataset(x[8:], y[8:])
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Tanh(), torch.nn.Linear(512, 4)).to(torch.bfloat16)
+    sampled = [model[0].weight]  # 131072 elements: in place under the default threshold
+    w_star = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    storages = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    seen: list[float] = []
+    calls = [0]
+
+    def held_beyond_model() -> float:
+        gc.collect()
+        model_storage = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *w_star.values()]}
+        with warnings.catch_warnings():  # isinstance on deprecated module objects warns
+            warnings.simplefilter("ignore")
+            live = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= 1 << 16}  # fmt: skip
+        return sum(b for ptr, b in live.items() if ptr not in model_storage) / sampled[0].numel()
+
+    def loss_fn(m, batch):
+        calls[0] += 1
+        if calls[0] % 3 == 0:  # gc.get_objects is slow; every third call sees steps and evaluations alike
+            seen.append(held_beyond_model())
+        return (m(batch[0].to(torch.bfloat16)).float() - batch[1]).square().mean(1)
+
+    cfg = BIFConfig(sgld=SGLDConfig(lr=1e-4, nbeta=20.0, localization=100.0), num_chains=2, num_draws=6,
+                    batch_size=4, seed=0, chain_batch=1)  # fmt: skip
+    results = {}
+    for layout, threshold in (("in_place", sampler_module.IN_PLACE_MIN_NUMEL), ("packed", 1 << 40)):
+        monkeypatch.setattr(sampler_module, "IN_PLACE_MIN_NUMEL", threshold)
+        seen.clear()
+        results[layout] = compute_bif(model, train, query, loss_fn=loss_fn, config=cfg, params=sampled)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, w_star[k]) and v.data_ptr() == storages[k], k
+        assert model[0].weight.grad is None
+        results[layout + " bytes"] = max(seen)
+    assert 6.0 <= results["in_place bytes"] <= 6.1, results["in_place bytes"]
+    assert 10.0 <= results["packed bytes"] <= 10.1, results["packed bytes"]
+    assert torch.equal(results["in_place"].bif, results["packed"].bif)
+    assert torch.equal(results["in_place"].stderr, results["packed"].stderr)

@@ -256,30 +256,65 @@ def test_bad_parameters_raise(params, match):
         SGLD(params, CFG)
 
 
-@pytest.mark.parametrize("dtype, sampler, bytes_per_param", [
-    (torch.bfloat16, "sgld", 10), (torch.bfloat16, "rmsprop", 14), (torch.bfloat16, "baoab", 14),
-    (torch.float32, "sgld", 12), (torch.float32, "rmsprop", 16), (torch.float32, "baoab", 16),
-])  # fmt: skip
-def test_sampler_memory_per_sampled_parameter(dtype, sampler, bytes_per_param):
-    """The bytes SGLD keeps alive per sampled parameter after a step, tracked through every allocation (the
-    README's table): the packed weights, w*, the gradient (each in the parameters' dtype), the fp32 master
-    (the weights themselves in fp32) and the fp32 state (RMSprop / BAOAB); nothing for unsampled weights."""
-    import gc
-    import weakref
+class _TrackAllocations:
+    """Every tensor any op allocates while active, held weakly: ``live_bytes()`` sums the storages still alive."""
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+    def __enter__(self):
+        import weakref
 
-    class Track(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.refs: list = []
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.refs += [weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            return out
+        refs = self.refs = []
 
+        class Track(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                refs.extend(weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                return out
+
+        self._mode = Track()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+    def live_bytes(self, *, beside: list[torch.Tensor] = ()) -> int:
+        """Bytes of the storages still alive that were made inside, leaving out those of ``beside``."""
+        import gc
+
+        gc.collect()
+        live = {}
+        for ref in self.refs:
+            t = ref()
+            if t is not None:
+                live[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        for t in beside:
+            live.pop(t.untyped_storage().data_ptr(), None)
+        return sum(live.values())
+
+
+# (dtype, sampler, layout, bytes per sampled parameter held between steps, bytes more while the gradient exists)
+_MEMORY = [
+    (torch.bfloat16, "sgld", "packed", 10, 0), (torch.bfloat16, "rmsprop", "packed", 14, 0),
+    (torch.bfloat16, "baoab", "packed", 14, 0),
+    (torch.float32, "sgld", "packed", 12, 0), (torch.float32, "rmsprop", "packed", 16, 0),
+    (torch.float32, "baoab", "packed", 16, 0),
+    (torch.bfloat16, "sgld", "in_place", 6, 2), (torch.bfloat16, "rmsprop", "in_place", 10, 2),
+    (torch.bfloat16, "baoab", "in_place", 10, 2), (torch.float16, "sgld", "in_place", 6, 2),
+    (torch.float32, "sgld", "in_place", 4, 4), (torch.float32, "rmsprop", "in_place", 8, 4),
+    (torch.float32, "baoab", "in_place", 8, 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype, sampler, layout, held, grad", _MEMORY)
+def test_sampler_memory_per_sampled_parameter(dtype, sampler, layout, held, grad):
+    """The bytes SGLD allocates per sampled parameter, tracked through every allocation (the README's
+    table). Packed: a copy of the weights, w*, the gradient (each in the parameters' dtype), the fp32
+    master (the weights themselves in fp32) and the fp32 state of RMSprop / BAOAB. In place: only the fp32
+    master (bf16/fp16), w* and the state, plus the gradient from a backward until ``zero_grad``. Nothing
+    for the unsampled weights."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)).to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -289,15 +324,83 @@ def test_sampler_memory_per_sampled_parameter(dtype, sampler, bytes_per_param):
     numel = sum(p.numel() for p in sampled)
     kw = {"rmsprop": {"precondition": "rmsprop"}, "baoab": {"sampler": "baoab", "friction": 1.0}}.get(sampler, {})
     x = torch.randn(8, 64, dtype=dtype)
-    with Track() as tracked:
-        opt = SGLD(sampled, SGLDConfig(lr=1e-4, nbeta=10.0, **kw), seed=0, backend="torch")
-        model(x).sum().backward()
-        opt.step()
-    gc.collect()
-    live = {}
-    for ref in tracked.refs:
-        t = ref()
-        if t is not None:
-            live[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    per_param = sum(live.values()) / numel
-    assert bytes_per_param <= per_param <= bytes_per_param + 0.05, per_param
+    # The model itself: its weights' storage as compute_bif keeps it (to restore a packed weight exactly).
+    model_storage = [p.data for p in model.parameters()]
+    with _TrackAllocations() as tracked:
+        opt = SGLD(sampled, SGLDConfig(lr=1e-4, nbeta=10.0, **kw), seed=0, backend="torch", layout=layout)
+        before = model[0].weight.detach().clone()
+        model_storage.append(before)
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            stepping = tracked.live_bytes(beside=model_storage) / numel
+            opt.zero_grad()
+        del x
+    between = tracked.live_bytes(beside=model_storage) / numel
+    assert held <= between <= held + 0.05, between
+    assert held + grad <= stepping <= held + grad + 0.05, stepping
+    assert not torch.equal(model[0].weight.detach(), before)  # the model's weights moved
+    assert opt.in_place == (layout == "in_place")
+
+
+class _Mixed(torch.nn.Module):
+    """fp32 and bf16 weights of several sizes, one of them not contiguous (always packed)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.a = torch.nn.Parameter(torch.randn(9, 7, generator=g))
+        self.bias = torch.nn.Parameter(torch.randn(9, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(9, 11, generator=g).to(torch.bfloat16))
+        self.t = torch.nn.Parameter(torch.randn(11, 6, generator=g).t())  # [6, 11], strides (1, 6)
+        self.c = torch.nn.Parameter(torch.randn(6, 3, generator=g).to(torch.bfloat16))
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.a.T + self.bias)
+        h = torch.tanh(h @ self.b.float()) @ self.t.T
+        return (h @ self.c.float()).square().mean()
+
+
+@pytest.mark.parametrize("cfg", RULES, ids=["sgld", "rmsprop", "baoab"])
+def test_every_layout_gives_the_same_chain_bit_for_bit(cfg, monkeypatch):
+    """Packed, in place and mixed (runs of small parameters packed between large ones in place, here at a
+    40-element threshold) update every element with the same arithmetic and noise."""
+    import bif_fast.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "IN_PLACE_MIN_NUMEL", 40)
+    x = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for layout in ("packed", "in_place", "auto"):
+        model = _Mixed()
+        assert not model.t.is_contiguous()
+        opt = SGLD(model.parameters(), cfg, seed=2, chain=1, backend="torch", layout=layout)
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).backward()
+            opt.step()
+        runs.append(([p.detach().clone() for p in model.parameters()],
+                     [opt.master_of(p).clone() for p in model.parameters()], opt.distance()))  # fmt: skip
+        # Canonical order: fp32 a, bias, t, then bf16 b, c; True for a segment in place, False for a packed run.
+        kinds = {"packed": [False, False], "in_place": [True, True, False, True, True],
+                 "auto": [True, False, True, False]}[layout]  # fmt: skip
+        assert [seg.local_shape is not None for seg in opt._segments] == kinds
+        opt.reset()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _Mixed().parameters(), strict=True))
+    for other in runs[1:]:
+        for a, b in zip(runs[0][0] + runs[0][1], other[0] + other[1], strict=True):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(runs[0][2], other[2], rtol=1e-6, atol=0)  # summed in another order
+
+
+def test_layouts_that_cannot_hold_the_parameters_are_refused():
+    from bif_fast.engine.mass import LowRankMass
+
+    with pytest.raises(ValueError, match="layout must be"):
+        SGLD([torch.nn.Parameter(torch.zeros(3))], CFG, layout="flat")
+    cfg = SGLDConfig(lr=1e-3, nbeta=10.0, sampler="baoab", mass="curvature", mass_rank=1)
+    mass = LowRankMass(torch.eye(3, 1), torch.full((1,), 0.5), 1.0)
+    with pytest.raises(ValueError, match="curvature mass acts on one packed buffer"):
+        SGLD([torch.nn.Parameter(torch.zeros(3))], cfg, mass=mass, layout="in_place")
+    big = torch.nn.Parameter(torch.zeros(1 << 16))  # in place under "auto", but the mass packs it
+    eye = LowRankMass(torch.eye(1 << 16, 1), torch.full((1,), 0.5), 1.0)
+    assert not SGLD([big], cfg, mass=eye).in_place

@@ -148,6 +148,7 @@ class SequentialChains:
             if run.control is not None:
                 run.control.apply_(self.opt.params, batch)
             self.opt.raw_step()
+            self.opt.release_grads()
 
     def _sum_grads(self) -> None:
         self.run.shard.reduce_grads_(self.opt.flat_grads())
@@ -165,6 +166,7 @@ class SequentialChains:
         if run.shard is not None:  # this rank's rows of the full batch; full.count is every rank's
             self._sum_grads()
         self.opt.raw_step()
+        self.opt.release_grads()
         return outs
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:

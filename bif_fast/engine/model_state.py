@@ -30,8 +30,8 @@ class ModelState:
     def __init__(self, model: torch.nn.Module, sampled: Sequence[torch.Tensor]):
         self.model = model
         ids = {id(p) for p in sampled}
-        # A packed sampler moves the weights to its own storage and leaves the originals here untouched; an
-        # FSDP piece is stepped in place, and whoever steps it puts w* back (``restore_with``).
+        # A packed weight moves to the sampler's storage and leaves the original here untouched; a weight
+        # stepped in place (a large one, an FSDP piece) gets w* put back by whoever steps it (``restore_with``).
         self._sampled = [(p, None if is_sharded(p) else p.data, p.grad) for p in sampled]
         self._restorers: list[Callable[[], None]] = []
         self._fsdp = fsdp_modules(model) if any(is_sharded(p) for p in sampled) else []

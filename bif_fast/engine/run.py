@@ -173,7 +173,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     n, p = sides[0].units.n, sides[1].units.n
     full = FullBatch(sides[0].batches, rows.total) if config.batch_size == "full" else None
     opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
-    if any_sharded(sampled):  # pieces stepped in place get w* copied back; packed weights are re-pointed
+    if opt.in_place:  # weights stepped in place get w* copied back; packed weights are re-pointed
         state.restore_with(opt.put_back)
     eval_rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
     size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, eval_rows)
