@@ -175,7 +175,7 @@ def main() -> None:
                 if base:
                     extra += f"  {base / p50:5.2f}x vs devinterp"
                 extra += f"  {naive / p50:5.2f}x vs naive"
-                print(f"  {provider:<12} {p50 * 1e3:9.2f} ms/step{extra}")
+                print(f"  {provider:<16} {p50 * 1e3:9.2f} ms/step{extra}")
                 common = {"provider": provider, "mode": rule, "shape": shape, "dtype": "fp32", "n_runs": len(ts)}
                 rows.append({**common, "metric": "step_time", "unit": "ms", "p50": p50 * 1e3, "p20": p20 * 1e3,
                              "p80": p80 * 1e3})  # fmt: skip
