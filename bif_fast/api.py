@@ -107,11 +107,13 @@ def compute_bif(
                          "config=BIFConfig(..., shard_rows=True) (the calibrated defaults, config=None, run on "
                          "rank 0 alone, which cannot run a sharded model)")  # fmt: skip
     if config is not None and config.shard_rows:
-        _check_shard_rows(config, train, checkpoint)
+        _check_shard_rows(config, train)
     device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, ranks, run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
-                                                          config=None if config is None else config.to_dict()))
+        identity = run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
+                                config=None if config is None else config.to_dict())
+        lockstep = config is not None and config.shard_rows and ranks.active
+        ckpt = Checkpoint(checkpoint, ranks, identity, lockstep=lockstep)
         done = ckpt.agreed_result(device)
         if done is not None:
             return done
@@ -149,11 +151,9 @@ def compute_bif(
     return res
 
 
-def _check_shard_rows(config: BIFConfig, train: Any, checkpoint: Any) -> None:
+def _check_shard_rows(config: BIFConfig, train: Any) -> None:
     """What ``shard_rows`` does not combine with yet, refused before any work."""
     if isinstance(train, DataLoader):
         raise ValueError("shard_rows slices train by sequence: pass a Dataset, not a DataLoader")
     if config.sgld.mass == "curvature":
         raise ValueError("shard_rows does not combine with mass='curvature' yet (its Lanczos needs every row)")
-    if checkpoint is not None:
-        raise ValueError("shard_rows does not combine with checkpoint= yet")

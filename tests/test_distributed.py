@@ -8,6 +8,7 @@ compares. Chains are split by global index (``c % world``), so the ranks run dif
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,10 @@ def _loss(model, batch):
 def _config(case: str) -> BIFConfig:
     if case.startswith("shard"):  # rows split across the ranks, every chain on every rank
         sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=20.0)
-        batch_size = "full" if case.endswith("full") else 8
+        batch_size = "full" if case == "shard_full" else 8
+        per_update = 5 if "ckpt" in case else 32  # resumable cases: several accumulator updates (and writes) a chain
         return BIFConfig(sgld=sgld, num_chains=3, num_draws=30, num_steps_bw_draws=2, batch_size=batch_size, seed=3,
-                         shard_rows=True)  # fmt: skip
+                         shard_rows=True, draws_per_update=per_update)  # fmt: skip
     if case.endswith("mass"):  # BAOAB with the curvature mass (computed on rank 0, broadcast), full batch
         sgld = SGLDConfig(lr=0.02, nbeta=50.0, localization=20.0, sampler="baoab", friction=5.0,
                           mass="curvature", mass_rank=3)  # fmt: skip
@@ -86,12 +88,17 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
         loss_fn = _FailingLoss(rank=1, at=40) if case == "fail_sampling" else _FailingLoss(rank=world - 1, at=1)
     elif case == "ckpt_fail":  # rank 1 fails in its second chain, after its first was written
         loss_fn = _FailingLoss(rank=1, at=200)
-    elif case == "ckpt_done":  # a finished run: nothing may be evaluated again
+    elif case in ("ckpt_done", "shard_ckpt_done"):  # a finished run: nothing may be evaluated again
         loss_fn = _FailingLoss(rank=rank, at=1)
+    elif case == "shard_ckpt_stop":  # the whole job stops inside the second chain (every rank at once)
+        loss_fn = _FailingLoss(rank=rank, at=200)
     if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
         with torch.no_grad():
             model[0].weight.add_(1e-3)
-    checkpoint = Path(tmp) / "ck" if case.startswith("ckpt") else None
+    checkpoint = Path(tmp) / "ck" if case.startswith(("ckpt", "shard_ckpt")) else None
+    if case.startswith("shard_ckpt"):
+        os.environ["BIF_FAST_CHECKPOINT_SECONDS"] = "0"  # a write after every accumulator update
+        checkpoint = Path(tmp) / ("ck_full" if case == "shard_ckpt_full" else "ck")
     res = compute_bif(model, train, query, loss_fn=loss_fn, config=_config(case),
                       per_token="token" in case, checkpoint=checkpoint)  # fmt: skip
     res.save(Path(tmp) / f"{case}-rank{rank}")
@@ -212,6 +219,40 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
                            BIFResult.load(tmp_path / "ckpt-rank0").bif)  # fmt: skip
 
 
+def test_a_row_sharded_run_resumes_in_lockstep_exactly(tmp_path):
+    """shard_rows with checkpoint=: the ranks write at the same draws, so a job stopped inside a chain resumes
+    on every rank from the same draw, even when a kill cut one rank's last write short (here rank 1's state
+    rolled back one generation: both resume from the generation both hold), and every shard equals the
+    uninterrupted run's bit for bit; a finished run returns its shards without evaluating anything."""
+    import shutil
+
+    from bif_fast import BIFResult
+
+    torch.set_num_threads(1)
+    world = 2
+    full = _spawn(tmp_path, world, "shard_ckpt_full")
+    assert all(s["ok"] for s in full), full
+    stopped = _spawn(tmp_path, world, "shard_ckpt_stop")
+    assert [s["ok"] for s in stopped] == [False, False], stopped
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "prev-state-rank0-of-2.safetensors", "prev-state-rank1-of-2.safetensors",
+        "state-rank0-of-2.safetensors", "state-rank1-of-2.safetensors"]  # fmt: skip
+    shutil.copy(ck / "prev-state-rank1-of-2.safetensors", ck / "state-rank1-of-2.safetensors")
+    resumed = _spawn(tmp_path, world, "shard_ckpt")
+    assert all(s["ok"] for s in resumed), resumed
+    assert resumed[0]["loss_calls"] < full[0]["loss_calls"] - 100  # the first chain and a half were not redone
+    done = _spawn(tmp_path, world, "shard_ckpt_done")
+    assert all(s["ok"] and s["loss_calls"] == 0 for s in done), done
+    for rank in range(world):
+        want = BIFResult.load(tmp_path / f"shard_ckpt_full-rank{rank}")
+        for case in ("shard_ckpt", "shard_ckpt_done"):
+            got = BIFResult.load(tmp_path / f"{case}-rank{rank}")
+            for name in ("bif", "bif_normalized", "stderr", "train_rows"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (case, rank, name)
+    assert (ck / "result-rank1-of-2").is_dir()
+
+
 def test_ranks_given_different_models_are_refused(tmp_path):
     statuses = _spawn(tmp_path, 2, "mismatch")
     for s in statuses:
@@ -240,8 +281,6 @@ def test_shard_rows_refuses_what_it_does_not_combine_with(tmp_path):
     loader = torch.utils.data.DataLoader(train, batch_size=8)
     with pytest.raises(ValueError, match="pass a Dataset, not a DataLoader"):
         compute_bif(model, loader, query, loss_fn=_loss, config=config)
-    with pytest.raises(ValueError, match="does not combine with checkpoint"):
-        compute_bif(model, train, query, loss_fn=_loss, config=config, checkpoint=tmp_path)
     massed = dataclasses.replace(_config("sample_mass"), shard_rows=True)
     with pytest.raises(ValueError, match="mass='curvature'"):
         compute_bif(model, train, query, loss_fn=_loss, config=massed)

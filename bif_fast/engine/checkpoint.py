@@ -13,6 +13,13 @@ to disk, then renamed over the old file, so a kill at any moment leaves either t
 new one, never a mixture. The finished run's result goes
 to ``PATH/result/`` the same way (a temporary directory renamed), written by rank 0.
 
+With ``shard_rows`` the ranks run the same chains in lockstep (their gradients are summed at every step),
+so they must resume from the same point. Their writes are agreed (a write inside a chain happens when it
+is due on some rank, on every rank at the same draw) and numbered (``generation``), and each rank keeps
+its previous state too (``prev-state-rank{r}-of-{w}.safetensors``, a hard link to the replaced file): a kill
+in the middle of a write leaves every rank holding the last generation all of them finished, from which
+they all resume. Each rank's shard of the result goes to ``PATH/result-rank{r}-of-{w}/``.
+
 Resuming restores the pool's float64 state bit for bit, continues a running group from its last draw
 and runs the chains not yet started with the same keys (noise by ``(seed, chain, step)``, minibatches by
 chain, replayed past the batches already used), so the result equals an uninterrupted run's on the same
@@ -128,11 +135,12 @@ class Checkpoint:
             every group). Default 300, or the environment's ``BIF_FAST_CHECKPOINT_SECONDS``.
     """
 
-    def __init__(self, path: str | os.PathLike, ranks: Ranks, identity: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike, ranks: Ranks, identity: dict[str, Any], *, lockstep: bool = False):
         self.dir = Path(path)
         if self.dir.exists() and not self.dir.is_dir():
             raise ValueError(f"checkpoint {self.dir} exists and is not a directory")
         self.ranks, self.identity = ranks, identity
+        self.lockstep = lockstep  # shard_rows: ranks write and resume together (module docstring)
         self.interval_s = float(os.environ.get("BIF_FAST_CHECKPOINT_SECONDS", "300"))
 
     @property
@@ -140,7 +148,14 @@ class Checkpoint:
         return self.dir / f"state-rank{self.ranks.rank}-of-{self.ranks.world}.safetensors"
 
     @property
+    def previous_file(self) -> Path:
+        """Lockstep: the state this rank replaced last (its generation is one below the state file's)."""
+        return self.dir / f"prev-{self.state_file.name}"
+
+    @property
     def result_dir(self) -> Path:
+        if self.lockstep:
+            return self.dir / f"result-rank{self.ranks.rank}-of-{self.ranks.world}"
         return self.dir / "result"
 
     def _check_world(self) -> None:
@@ -197,15 +212,60 @@ class Checkpoint:
             save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(record)})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            if self.lockstep and self.state_file.exists():
+                self._keep_previous()
             os.replace(tmp, self.state_file)
         finally:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(self.dir)
 
+    def _keep_previous(self) -> None:
+        """The state file about to be replaced, kept as ``previous_file`` (a hard link, or a copy where the
+        filesystem has none), itself replaced atomically."""
+        tmp = self.previous_file.with_name(self.previous_file.name + f".tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.state_file, tmp)
+        except OSError:
+            shutil.copy2(self.state_file, tmp)
+        os.replace(tmp, self.previous_file)
+
+    def read_common(self) -> Restored | None:
+        """Lockstep: the newest generation that every rank holds (as its state or its previous state), read
+        on every rank; None when no rank has written anything but a generation 0 (which holds no work).
+
+        Raises:
+            ValueError: a damaged file on some rank, or a rank missing the generation the others resume from.
+        """
+        error, found = None, {}
+        try:
+            for path in (self.state_file, self.previous_file):
+                restored = self.read(path)
+                if restored is not None:
+                    found[int(restored.meta.get("generation", 0))] = restored
+        except Exception as e:  # every rank learns of it, then raises
+            error = e
+        self.ranks.raise_if_any_failed(error)
+        held = self.ranks.all_gather(sorted(found))
+        newest = [max(g, default=-1) for g in held]
+        target = min(newest)
+        if target < 0:
+            if max(newest) > 0:
+                raise ValueError(f"checkpoint {self.dir}: ranks {[r for r, g in enumerate(held) if not g]} hold no "
+                                 f"state while others hold generation {max(newest)}: restore the missing files "
+                                 f"or use a new path")  # fmt: skip
+            return None
+        lacking = [r for r, g in enumerate(held) if target not in g]
+        if lacking:
+            raise ValueError(f"checkpoint {self.dir}: ranks {lacking} lack generation {target}, the newest every "
+                             f"other rank holds (files were lost or replaced): use a new path")  # fmt: skip
+        return found[target]
+
     def write_result(self, result) -> None:
-        """``result`` (a ``BIFResult``) into ``result/``, atomically (rank 0 only)."""
-        if self.ranks.rank != 0 or self.result_dir.exists():
+        """``result`` (a ``BIFResult``) into ``result/``, atomically (rank 0 only; lockstep: every rank its
+        own shard)."""
+        if (self.ranks.rank != 0 and not self.lockstep) or self.result_dir.exists():
             return
         tmp = self.dir / f"result.tmp-{os.getpid()}"
         if tmp.exists():
@@ -227,13 +287,16 @@ class Checkpoint:
         except Exception as e:
             raise ValueError(f"checkpoint result {self.result_dir} is damaged ({type(e).__name__}: {e}); delete "
                              f"it to recompute it from the chains' state") from e  # fmt: skip
-        # The result does not depend on how many processes made it.
-        self.check({k: v for k, v in stored.items() if k != "world_size"}, self.result_dir,
-                   skip=("world_size",))  # fmt: skip
+        if self.lockstep:  # a shard of the rows: made by as many processes
+            self.check(stored, self.result_dir)
+        else:  # the result does not depend on how many processes made it
+            self.check({k: v for k, v in stored.items() if k != "world_size"}, self.result_dir,
+                       skip=("world_size",))  # fmt: skip
         return result
 
     def agreed_result(self, device: torch.device):
-        """The stored result if every rank finds it (None if none does); a clear error if only some do."""
+        """The stored result if every rank finds it (None if none does); a clear error if only some do
+        (lockstep: None, and every rank rebuilds its shard from its state)."""
         error, result = None, None
         try:
             result = self.read_result(device)
@@ -241,6 +304,8 @@ class Checkpoint:
             error = e
         self.ranks.raise_if_any_failed(error)
         found = self.ranks.all_gather(result is not None)
+        if self.lockstep and not all(found):  # a kill between the shards' writes: all finish from their state
+            return None
         if any(found) and not all(found):
             raise ValueError(f"checkpoint {self.result_dir} holds the finished result for ranks "
                              f"{[r for r, f in enumerate(found) if f]} only: give every rank a path it can read "

@@ -83,10 +83,10 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
             mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
             sides = [eval_set(model, data, loss_fn, config, per_token, device, name, shard if name == "train" else None)
                      for data, name in ((mine, "train"), (query, "query"))]  # fmt: skip
-            restored = None if checkpoint is None else _restore(checkpoint, config, sides)
         except Exception as e:  # every rank learns of it below, then raises
             error = e
         ranks.raise_if_any_failed(error)
+        restored = None if checkpoint is None else _restore(checkpoint, config, sides)
         if ranks.active:  # w*'s checksums read every sampled weight: only where there is another rank
             ranks.check_same(run_identity(sampled, train, query, config=config.to_dict(), per_token=per_token,
                                           world=ranks.world))  # fmt: skip
@@ -100,7 +100,7 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
                                    to_wire=lambda m: m.to(torch.device("cpu")), from_wire=lambda m: m.to(device))
         run = None
         try:
-            saver = None if checkpoint is None else _Saver(checkpoint, config, mass, sides)
+            saver = None if checkpoint is None else _Saver(checkpoint, config, mass, sides, restored, shard)
             run = _sample(model, state, sampled, train, sides, loss_fn, config, per_token, sgld_source, backend,
                           mass, ranks, restored, saver, rows)  # fmt: skip
         except Exception as e:
@@ -294,10 +294,13 @@ class _Traces:
 
 
 class _Saver:
-    """Writes this rank's state: the pool, the traces, the config and the mass the run samples with."""
+    """Writes this rank's state: the pool, the traces, the config and the mass the run samples with, numbered
+    by ``generation`` (continuing a restored state's); with row shards every rank writes at the same draws."""
 
-    def __init__(self, checkpoint: Checkpoint, config: BIFConfig, mass: LowRankMass | None, sides: list[EvalSet]):
-        self.checkpoint, self.last = checkpoint, time.monotonic()
+    def __init__(self, checkpoint: Checkpoint, config: BIFConfig, mass: LowRankMass | None, sides: list[EvalSet],
+                 restored: Restored | None, shard: RowShard | None):  # fmt: skip
+        self.checkpoint, self.shard, self.last = checkpoint, shard, time.monotonic()
+        self.generation = 0 if restored is None else int(restored.meta.get("generation", 0)) + 1
         self.meta: dict[str, Any] = {"config": config.to_dict(), "n": sides[0].units.n, "p": sides[1].units.n}
         self.fixed: dict[str, torch.Tensor] = {}
         if mass is not None:
@@ -305,26 +308,38 @@ class _Saver:
             self.meta["mass_a_ref"] = mass.a_ref
 
     def due(self) -> bool:
-        """Whether a write inside a chain is due (``Checkpoint.interval_s`` since the last one)."""
-        return time.monotonic() - self.last >= self.checkpoint.interval_s
+        """Whether a write inside a chain is due (``Checkpoint.interval_s`` since the last one; with row
+        shards: on some rank, a collective every rank enters at the same draw)."""
+        due = time.monotonic() - self.last >= self.checkpoint.interval_s
+        return due if self.shard is None else self.shard.any([due])[0]
 
     def __call__(self, pool: Pool, traces: _Traces, running: tuple[dict, dict] | None = None) -> None:
         """Write the state; ``running``: the group in progress (``_DrawLoop._snapshot``), else none is."""
         tensors, record = pool.state()
         tensors.update(self.fixed, **{"traces.mean_train_loss": traces.mean_train_loss,
                                       "traces.distance": traces.distance})  # fmt: skip
-        meta = dict(self.meta, pool=record, traces={"seconds": traces.seconds, "typical": traces.typical,
-                                                    "finished": traces.finished})  # fmt: skip
+        meta = dict(self.meta, pool=record, generation=self.generation,
+                    traces={"seconds": traces.seconds, "typical": traces.typical, "finished": traces.finished})
         if running is not None:
             tensors.update(running[0])
             meta["running"] = running[1]
         self.checkpoint.write(tensors, meta)
+        self.generation += 1
         self.last = time.monotonic()
 
 
 def _restore(checkpoint: Checkpoint, config: BIFConfig, sides: list[EvalSet]) -> Restored | None:
-    """This rank's stored state, if it is this run's: the same config (the calibrated one included) and units."""
-    restored = checkpoint.read()
+    """This rank's stored state, if it is this run's: the same config (the calibrated one included) and units
+    (with row shards: the generation every rank holds). A refusal on any rank is raised on every rank."""
+    error, restored = None, None
+    try:
+        if not checkpoint.lockstep:
+            restored = checkpoint.read()
+    except Exception as e:
+        error = e
+    checkpoint.ranks.raise_if_any_failed(error)
+    if checkpoint.lockstep:
+        restored = checkpoint.read_common()
     if restored is None:
         return None
     skip = ("progress", "calibration")
@@ -335,8 +350,10 @@ def _restore(checkpoint: Checkpoint, config: BIFConfig, sides: list[EvalSet]) ->
     units = (restored.meta["n"], restored.meta["p"]), (sides[0].units.n, sides[1].units.n)
     if units[0] != units[1]:
         diffs.append(f"units (train, query): checkpoint {units[0]}, this call {units[1]}")
+    error = None
     if diffs:
-        raise ValueError(f"checkpoint {checkpoint.state_file} was written by a different run: " + "; ".join(diffs))
+        error = ValueError(f"checkpoint {checkpoint.state_file} was written by a different run: " + "; ".join(diffs))
+    checkpoint.ranks.raise_if_any_failed(error)
     return restored
 
 
