@@ -110,10 +110,7 @@ def compute_bif(
         _check_shard_rows(config, train)
     device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None
     if checkpoint is not None:
-        identity = run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
-                                config=None if config is None else config.to_dict())
-        lockstep = config is not None and config.shard_rows and ranks.active
-        ckpt = Checkpoint(checkpoint, ranks, identity, lockstep=lockstep)
+        ckpt = _open_checkpoint(checkpoint, ranks, sampled, train, query, per_token, config)
         done = ckpt.agreed_result(device)
         if done is not None:
             return done
@@ -149,6 +146,14 @@ def compute_bif(
     if ckpt is not None:
         ckpt.write_result(res)
     return res
+
+
+def _open_checkpoint(path: str | os.PathLike, ranks: Ranks, sampled: list, train: Any, query: Any, per_token: bool,
+                     config: BIFConfig | None) -> Checkpoint:  # fmt: skip
+    """The run's checkpoint directory; with row shards the ranks write and resume in lockstep."""
+    identity = run_identity(sampled, train, query, per_token=per_token, world=ranks.world,
+                            config=None if config is None else config.to_dict())
+    return Checkpoint(path, ranks, identity, lockstep=config is not None and config.shard_rows and ranks.active)
 
 
 def _check_shard_rows(config: BIFConfig, train: Any) -> None:
