@@ -45,7 +45,7 @@ def _loss(model, batch):
 def _config(case: str) -> BIFConfig:
     if case.startswith("shard"):  # rows split across the ranks, every chain on every rank
         sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=20.0)
-        batch_size = "full" if case == "shard_full" else 8
+        batch_size = "full" if case.startswith("shard_full") else 8
         per_update = 5 if "ckpt" in case else 32  # resumable cases: several accumulator updates (and writes) a chain
         return BIFConfig(sgld=sgld, num_chains=3, num_draws=30, num_steps_bw_draws=2, batch_size=batch_size, seed=3,
                          shard_rows=True, draws_per_update=per_update)  # fmt: skip
@@ -90,6 +90,8 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
         loss_fn = _FailingLoss(rank=1, at=200)
     elif case in ("ckpt_done", "shard_ckpt_done"):  # a finished run: nothing may be evaluated again
         loss_fn = _FailingLoss(rank=rank, at=1)
+    elif "_fail_" in case:  # "shard[_full]_fail_{at}": rank 1 alone fails at its call `at`
+        loss_fn = _FailingLoss(rank=1, at=int(case.rsplit("_", 1)[1]))
     elif case == "shard_ckpt_stop":  # the whole job stops inside the second chain (every rank at once)
         loss_fn = _FailingLoss(rank=rank, at=200)
     if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
@@ -217,6 +219,18 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
     for rank in range(world):
         assert torch.equal(BIFResult.load(tmp_path / f"ckpt_done-rank{rank}").bif,
                            BIFResult.load(tmp_path / "ckpt-rank0").bif)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["shard_fail_3", "shard_fail_149", "shard_fail_150", "shard_fail_151",
+                                  "shard_full_fail_60", "shard_full_fail_61"])  # fmt: skip
+def test_a_rank_failing_inside_a_row_sharded_chain_fails_every_rank(tmp_path, case):
+    """Row shards run in lockstep (every step sums the gradient over the ranks): a rank whose loss_fn raises
+    in an evaluation or an SGLD step (the calls chosen here fall on both) makes every rank raise at the end of
+    that step, the others a RankFailure naming it, instead of leaving them waiting in the next collective."""
+    statuses = _spawn(tmp_path, 2, case)
+    assert [s["ok"] for s in statuses] == [False, False], statuses
+    assert statuses[1]["type"] == "FloatingPointError" and "boom on rank 1" in statuses[1]["message"]
+    assert statuses[0]["type"] == "RankFailure" and "rank 1 of 2 failed" in statuses[0]["message"]
 
 
 def test_a_row_sharded_run_resumes_in_lockstep_exactly(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -77,15 +78,34 @@ class _Run:
 
     def sharded_minibatch_loss(self, batch: Any) -> torch.Tensor:
         """This rank's part of the minibatch mean loss (``shard_rows``): its losses' sum over the count of the
-        whole minibatch (per token: the positions that count, summed across the ranks)."""
-        out, mask = loss_and_mask(self.loss_fn, self.model, self.shard.local_batch(batch), self.per_token)
-        if self.per_token and mask is not None:
-            mask = mask.bool()
-            total, count = torch.where(mask, out, 0.0).sum(), mask.sum().to(torch.float64)
-        else:
-            total, count = out.sum(), torch.tensor(float(out.numel()), dtype=torch.float64, device=out.device)
-        count = self.shard.sum_(count.reshape(1).cpu()).to(out.device)
-        return total / count.to(out.dtype).clamp_min(1) * self.shard.loss_scale
+        whole minibatch (per token: the positions that count, summed across the ranks). The count's sum is
+        the lockstep check after the forward (``RowShard.check``): a rank whose ``loss_fn`` raised makes every
+        rank raise here."""
+        error, total, count = None, None, torch.zeros(1, dtype=torch.float64)
+        try:
+            out, mask = loss_and_mask(self.loss_fn, self.model, self.shard.local_batch(batch), self.per_token)
+            if self.per_token and mask is not None:
+                mask = mask.bool()
+                total, count = torch.where(mask, out, 0.0).sum(), mask.sum().to(torch.float64)
+            else:
+                total, count = out.sum(), torch.tensor(float(out.numel()), dtype=torch.float64)
+        except Exception as e:
+            error = e
+        count = self.shard.check(error, count.reshape(1).cpu())
+        return total / count.to(total.device, total.dtype).clamp_min(1) * self.shard.loss_scale
+
+    def checked(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``; with row shards a lockstep check follows, so that a rank failing in it makes every rank
+        raise instead of leaving the others waiting in the next collective."""
+        if self.shard is None:
+            return fn()
+        error, out = None, None
+        try:
+            out = fn()
+        except Exception as e:
+            error = e
+        self.shard.check(error)
+        return out
 
     def minibatches(self, chain: int, skip: int = 0):
         """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""
@@ -141,7 +161,7 @@ class SequentialChains:
             batch = next(self._batches)
             self.opt.zero_grad()
             if run.shard is not None:
-                run.sharded_minibatch_loss(batch).backward()
+                run.checked(run.sharded_minibatch_loss(batch).backward)
                 self._sum_grads()
             else:
                 minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
@@ -157,12 +177,17 @@ class SequentialChains:
         run, full = self.run, self.run.full
         run.state.own_mode()
         self.opt.zero_grad()
-        outs = []
         scale = 1.0 if run.shard is None else run.shard.loss_scale
-        for batch in full.batches:
-            out, mask = loss_and_mask(run.loss_fn, run.model, batch, run.per_token)
-            (full_batch_term(out, mask, full.count, run.per_token) * scale).backward()
-            outs.append(out.detach().unsqueeze(0))
+
+        def forward_backward() -> list[torch.Tensor]:
+            outs = []
+            for batch in full.batches:
+                out, mask = loss_and_mask(run.loss_fn, run.model, batch, run.per_token)
+                (full_batch_term(out, mask, full.count, run.per_token) * scale).backward()
+                outs.append(out.detach().unsqueeze(0))
+            return outs
+
+        outs = run.checked(forward_backward)
         if run.shard is not None:  # this rank's rows of the full batch; full.count is every rank's
             self._sum_grads()
         self.opt.raw_step()
@@ -171,7 +196,7 @@ class SequentialChains:
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         self.run.state.eval_mode()
-        outs, _ = evaluate(self.run.model, batches, self.run.loss_fn, self.run.per_token, "")
+        outs, _ = self.run.checked(lambda: evaluate(self.run.model, batches, self.run.loss_fn, self.run.per_token, ""))
         self.run.state.reshard()
         return [o.unsqueeze(0) for o in outs]
 

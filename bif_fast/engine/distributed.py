@@ -119,6 +119,18 @@ class Ranks:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def small_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A few values summed over the ranks, on the device the group's backend reduces on (NCCL takes CUDA
+        tensors only), returned on ``values``' device."""
+        if not self.active:
+            return values
+        wire = torch.device("cpu")
+        if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+            wire = torch.device("cuda", torch.cuda.current_device())
+        out = values.to(wire, copy=True)
+        torch.distributed.all_reduce(out)
+        return out.to(values.device)
+
 
 @dataclasses.dataclass(frozen=True)
 class RowShard:
@@ -185,15 +197,30 @@ class RowShard:
         return _rows(batch, slice(self.ranks.rank, None, self.ranks.world), size)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks in place (a device tensor under NCCL, e.g. a gradient)."""
         return self.ranks.all_reduce_(tensor)
 
     def any(self, flags: list[bool]) -> list[bool]:
         """Per chain: true on some rank."""
         if not self.ranks.active:
             return flags
-        t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
-        self.ranks.all_reduce_(t)
+        t = self.ranks.small_sum(torch.tensor([int(f) for f in flags], dtype=torch.int64))
         return [bool(v) for v in t.tolist()]
+
+    def check(self, error: BaseException | None, values: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The end of a step of the lockstep in which this rank may have failed (``error``): every rank learns
+        whether any did, and if so every rank raises (``Ranks.raise_if_any_failed``) instead of going on to a
+        collective the failed rank will never enter. ``values`` (a few numbers, e.g. a count) are summed over
+        the ranks in the same collective and returned."""
+        if not self.ranks.active:
+            if error is not None:
+                raise error
+            return values
+        extra = torch.zeros(0, dtype=torch.float64) if values is None else values.detach().reshape(-1).double().cpu()
+        t = self.ranks.small_sum(torch.cat([torch.tensor([float(error is not None)], dtype=torch.float64), extra]))
+        if t[0] > 0:
+            self.ranks.raise_if_any_failed(error)
+        return None if values is None else t[1:].to(values.device).reshape(values.shape)
 
 
 def _batch_rows(batch: Any) -> int | None:

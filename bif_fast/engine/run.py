@@ -323,7 +323,15 @@ class _Saver:
         if running is not None:
             tensors.update(running[0])
             meta["running"] = running[1]
-        self.checkpoint.write(tensors, meta)
+        error = None
+        try:
+            self.checkpoint.write(tensors, meta)
+        except Exception as e:  # e.g. a full disk: with row shards every rank learns of it and raises
+            if self.shard is None:
+                raise
+            error = e
+        if self.shard is not None:
+            self.shard.check(error)
         self.generation += 1
         self.last = time.monotonic()
 
@@ -424,7 +432,7 @@ class _DrawLoop:
         traces, rows, shard = self.traces, ids, self.rows.shard
         mean = torch.stack(means, 1).double()
         if shard is not None:  # the mean over every rank's rows, so that every rank sees the same trace
-            mean = shard.sum_(mean.mul_(self.rows.n).cpu()).div_(self.rows.total).to(mean.device)
+            mean = shard.ranks.small_sum(mean.mul_(self.rows.n)).div_(self.rows.total)
         traces.mean_train_loss[rows] = mean.to(traces.mean_train_loss.dtype)
         traces.distance[rows] = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5).to(traces.distance.dtype)
         escapes = escaped_chains(traces.mean_train_loss[rows], float(self.sides[0].at_w_star.mean()),
