@@ -76,14 +76,18 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     _assert_same(whole, stored)
 
 
-@pytest.mark.parametrize("case", ["sample", "token", "sample_mass", "lag1", "sample_traces"])
+@pytest.mark.parametrize("case", ["sample", "token", "sample_mass", "lag1", "sample_traces", "sample_in_place"])
 def test_a_run_killed_inside_a_chain_resumes_there_exactly(tmp_path, monkeypatch, case):
     """With writes inside chains (every accumulator update here), a crash in the middle of the first group of
     chains resumes from that draw: sampler state, minibatch stream, accumulators (a co-moment of their own or,
-    ``sample_traces``, the chain's draws) and traces so far."""
+    ``sample_traces``, the chain's draws) and traces so far. ``sample_in_place``: every weight stepped in
+    the model's own storage (the layout of large weights), which the crash leaves at w*."""
+    import bif_fast.sampler as sampler_module
     from bif_fast.engine import pool
 
     monkeypatch.setenv("BIF_FAST_CHECKPOINT_SECONDS", "0")
+    if case == "sample_in_place":
+        monkeypatch.setattr(sampler_module, "IN_PLACE_MIN_NUMEL", 1)
     if case == "sample_traces":
         monkeypatch.setattr(pool.Pool, "chain_state", property(lambda self: "traces", lambda self, v: None),
                             raising=False)  # fmt: skip
@@ -97,8 +101,10 @@ def test_a_run_killed_inside_a_chain_resumes_there_exactly(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="interrupted"):
         # Inside the first group of chains (the mass's Lanczos calls loss_fn before the chains start).
         at = counted.calls // (3 if case == "sample_mass" else 12)
+        w_star = [p.detach().clone() for p in model.parameters()]
         compute_bif(model, train, query, loss_fn=_Crash(at=at), config=config, per_token=per_token,
                     checkpoint=tmp_path)  # fmt: skip
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w_star, strict=True))
     state = _state(tmp_path)
     assert state["traces"]["finished"] == [] and 0 < state["running"]["next_draw"] < config.num_draws, state
     again = _Crash()
