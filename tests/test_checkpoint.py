@@ -221,3 +221,35 @@ def test_sigkill_loses_at_most_the_work_since_the_last_write(tmp_path):
     torch.testing.assert_close(resumed.bif, whole.bif, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(resumed.stderr, whole.stderr, rtol=1e-6, atol=1e-9)
     assert [p.name for p in path.iterdir() if ".tmp-" in p.name] == []  # a write cut short is cleared away
+
+
+def test_lockstep_generations_resume_from_the_newest_every_rank_holds(tmp_path, monkeypatch):
+    """The file protocol of row-sharded checkpoints, seen from one rank whose peers' generations are faked:
+    every write keeps the replaced state as the previous one; resuming picks the newest generation all ranks
+    hold, and a rank that got further drops its newer state, so that its next write keeps that generation as
+    the previous one (a kill during that write must still leave a generation every rank holds)."""
+    from bif_fast.engine.checkpoint import Checkpoint
+    from bif_fast.engine.distributed import Ranks
+
+    ranks = Ranks()
+    ck = Checkpoint(tmp_path, ranks, {"run": 1}, lockstep=True)
+    for g in range(3):
+        ck.write({"x": torch.full((2,), float(g))}, {"generation": g})
+    assert ck.state_file.exists() and ck.previous_file.exists()
+    assert ck.read(ck.previous_file).meta["generation"] == 1
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, v: [v, [0, 1]])  # a peer one write behind
+    restored = ck.read_common()
+    assert restored.meta["generation"] == 1 and torch.equal(restored.tensors["x"], torch.full((2,), 1.0))
+    assert ck.read().meta["generation"] == 1 and not ck.previous_file.exists()
+    ck.write({"x": torch.full((2,), 2.5)}, {"generation": 2})
+    assert ck.read(ck.previous_file).meta["generation"] == 1
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, v: [v, [2, 3]])  # a peer one write ahead
+    assert ck.read_common().meta["generation"] == 2
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, v: [v, []])  # a peer with nothing while we hold 2
+    with pytest.raises(ValueError, match="hold no state"):
+        ck.read_common()
+    ck.previous_file.unlink()
+    ck.write({"x": torch.zeros(2)}, {"generation": 3})  # state 3, previous 2
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, v: [v, [0, 1]])
+    with pytest.raises(ValueError, match=r"ranks \[0\] lack generation 1"):
+        ck.read_common()

@@ -240,10 +240,10 @@ class Checkpoint:
         """
         error, found = None, {}
         try:
-            for path in (self.state_file, self.previous_file):
+            for path in (self.previous_file, self.state_file):  # the state file wins a tie
                 restored = self.read(path)
                 if restored is not None:
-                    found[int(restored.meta.get("generation", 0))] = restored
+                    found[int(restored.meta.get("generation", 0))] = (restored, path)
         except Exception as e:  # every rank learns of it, then raises
             error = e
         self.ranks.raise_if_any_failed(error)
@@ -260,7 +260,11 @@ class Checkpoint:
         if lacking:
             raise ValueError(f"checkpoint {self.dir}: ranks {lacking} lack generation {target}, the newest every "
                              f"other rank holds (files were lost or replaced): use a new path")  # fmt: skip
-        return found[target]
+        restored, path = found[target]
+        if path != self.state_file:  # this rank got further: its newer state is dropped, so that its next
+            os.replace(path, self.state_file)  # write keeps generation `target` as the previous one
+            _fsync_dir(self.dir)
+        return restored
 
     def write_result(self, result) -> None:
         """``result`` (a ``BIFResult``) into ``result/``, atomically (rank 0 only; lockstep: every rank its
