@@ -1,4 +1,6 @@
-"""Command line: ``python -m bif_fast info`` (or ``bif-fast info``) reports versions and active backends."""
+"""Command line (``bif-fast`` or ``python -m bif_fast``): ``info`` reports versions and active backends, ``demo``
+runs the main job, ``run`` / ``report`` / ``top`` compute and read the BIF of a Hugging Face model over two
+text files (``bif_fast.cli``)."""
 
 from __future__ import annotations
 
@@ -114,11 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--query-file", help="query texts, one per line")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--linear", action="store_true", help="the closed-form linear-regression check instead")
+    from bif_fast import cli
+
+    cli.add_commands(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         return _info()
     if args.command == "demo":
         return _demo(args)
+    commands = {"run": cli.run_command, "report": cli.report_command, "top": cli.top_command}
+    if args.command in commands:
+        try:
+            return commands[args.command](args)
+        except cli.CLIError as e:
+            print(f"bif-fast {args.command}: {e}", file=sys.stderr)
+            return 2
     parser.error(f"unknown command {args.command}")
     return 2
 
