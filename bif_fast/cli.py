@@ -53,6 +53,8 @@ def add_commands(sub: Any) -> None:
     run.add_argument("--config", help="a JSON or YAML file of BIFConfig fields (default: calibrated defaults)")
     run.add_argument("--params", help="sample only the weights whose names match these comma-separated glob "
                                       "patterns, e.g. '*attention*,*mlp*' (default: every weight)")
+    run.add_argument("--budget", type=float, default=30.0, help="seconds for calibration and sampling together "
+                                                                   "when there is no --config (default 30)")
     run.add_argument("--max-length", type=int, default=256, help="tokens per example, longer ones are cut")
     run.add_argument("-k", type=int, default=3, help="training examples printed per query (default 3)")
     report = sub.add_parser("report", help="render the HTML report of a saved run again")
@@ -213,7 +215,8 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"bif-fast: {len(train_texts)} training and {len(query_texts)} query examples, {kind}", file=sys.stderr)
     if config is None:
         print("bif-fast: calibrating the sampler (no --config)", file=sys.stderr)
-        config = bif_fast.calibrate(model, train, query, loss_fn=loss_fn, per_token=args.per_token, params=params)
+        config = bif_fast.calibrate(model, train, query, loss_fn=loss_fn, per_token=args.per_token, params=params,
+                                    budget_seconds=args.budget)  # fmt: skip
     config = dataclasses.replace(config, progress=True)
     res = bif_fast.compute_bif(model, train, query, loss_fn=loss_fn, config=config, per_token=args.per_token,
                                params=params)  # fmt: skip

@@ -155,6 +155,16 @@ def test_bad_input_is_one_line_with_exit_code_2_and_nothing_written(model_dir, f
     assert not list(tmp_path.glob("out.tmp-*"))
 
 
+def test_without_a_config_the_calibrated_defaults_run_and_are_recorded(model_dir, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", "--model", str(model_dir), "--train", str(files["train"]), "--query", str(files["query"]),
+            "--out", str(out), "--budget", "4"]  # fmt: skip
+    assert main(args) == 0
+    res = BIFResult.load(out)
+    assert "calibration" in res.diagnostics and torch.isfinite(res.bif).all()
+    assert "calibrating" in capsys.readouterr().err
+
+
 def test_saved_run_commands_refuse_what_run_did_not_write(tmp_path, capsys):
     assert main(["top", str(tmp_path), "--query", "0"]) == 2
     assert "not a folder written by `bif-fast run`" in capsys.readouterr().err
