@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--linear", action="store_true", help="the closed-form linear-regression check instead")
     from bif_fast import cli
+    from bif_fast.result import BIFError
 
     cli.add_commands(sub)
     args = parser.parse_args(argv)
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         except cli.CLIError as e:
             print(f"bif-fast {args.command}: {e}", file=sys.stderr)
             return 2
+        except BIFError as e:  # the run itself failed (e.g. every chain diverged): said in one line, no output
+            print(f"bif-fast {args.command}: {e}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

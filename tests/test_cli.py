@@ -165,6 +165,14 @@ def test_without_a_config_the_calibrated_defaults_run_and_are_recorded(model_dir
     assert "calibrating" in capsys.readouterr().err
 
 
+def test_a_run_whose_chains_all_diverge_says_so_in_one_line_and_writes_nothing(model_dir, files, tmp_path, capsys):
+    files["config"].write_text(json.dumps({**CONFIG, "sgld": {"lr": 1e4, "nbeta": 1e6, "localization": 0.0}}))
+    out = tmp_path / "out"
+    assert _run(model_dir, files, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "every chain diverged" in err[-1] and not out.exists()
+
+
 def test_saved_run_commands_refuse_what_run_did_not_write(tmp_path, capsys):
     assert main(["top", str(tmp_path), "--query", "0"]) == 2
     assert "not a folder written by `bif-fast run`" in capsys.readouterr().err
