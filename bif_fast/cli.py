@@ -56,6 +56,9 @@ def add_commands(sub: Any) -> None:
     run.add_argument("--budget", type=float, default=30.0, help="seconds for calibration and sampling together "
                                                                    "when there is no --config (default 30)")
     run.add_argument("--max-length", type=int, default=256, help="tokens per example, longer ones are cut")
+    run.add_argument("--device", help="where the model runs (default: cuda if there is a GPU, else cpu)")
+    run.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="the weights' dtype (auto: as saved in the folder; default float32)")
     run.add_argument("-k", type=int, default=3, help="training examples printed per query (default 3)")
     report = sub.add_parser("report", help="render the HTML report of a saved run again")
     report.add_argument("dir", help="a folder written by `bif-fast run`")
@@ -123,7 +126,7 @@ def _read_config(path: str | None):
         raise CLIError(f"--config {path}: {e}") from e
 
 
-def _load_model(folder: str):
+def _load_model(folder: str, dtype: str = "float32", device: str | None = None):
     p = Path(folder)
     if not (p / "config.json").is_file():
         raise CLIError(f"--model {folder}: not a Hugging Face model folder (no config.json)")
@@ -141,10 +144,18 @@ def _load_model(folder: str):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
         raise CLIError(f"--model {folder}: no usable tokenizer in the folder ({type(e).__name__})") from e
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch_dtype).eval()
     except Exception as e:
         raise CLIError(f"--model {folder}: cannot load the model ({type(e).__name__}: {e})") from e
+    try:
+        model = model.to(device)
+    except Exception as e:
+        raise CLIError(f"--device {device}: cannot put the model there ({type(e).__name__}: {e})") from e
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise CLIError(f"--model {folder}: the tokenizer has neither a pad nor an eos token to pad with")
@@ -205,7 +216,7 @@ def run_command(args: argparse.Namespace) -> int:
     out = _fresh_out(args.out)
     train_texts, query_texts = read_examples(args.train, "train"), read_examples(args.query, "query")
     config = _read_config(args.config)
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args.model, args.dtype, args.device)
     params = _select_params(model, args.params)
     train, train_tokens = _encode(tokenizer, train_texts, args.max_length)
     query, query_tokens = _encode(tokenizer, query_texts, args.max_length)

@@ -118,6 +118,7 @@ def test_top_prints_proponents_and_opponents_in_order_and_report_renders_again(m
     ({"params": "*nothing*"}, "selects no weight"),
     ({"no_tokenizer": True}, "no usable tokenizer"),
     ({"out_taken": True}, "exists and is not an empty folder"),
+    ({"device": "nowhere"}, "--device nowhere: cannot put the model there"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_with_exit_code_2_and_nothing_written(model_dir, files, tmp_path, capsys, change,
                                                                      match):  # fmt: skip
@@ -143,6 +144,7 @@ def test_bad_input_is_one_line_with_exit_code_2_and_nothing_written(model_dir, f
         out.mkdir()
         (out / "keep.txt").write_text("mine")
     extra = ["--params", change["params"]] if "params" in change else []
+    extra += ["--device", change["device"]] if "device" in change else []
     capsys.readouterr()
     assert _run(model_dir, files, out, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -163,6 +165,13 @@ def test_without_a_config_the_calibrated_defaults_run_and_are_recorded(model_dir
     res = BIFResult.load(out)
     assert "calibration" in res.diagnostics and torch.isfinite(res.bif).all()
     assert "calibrating" in capsys.readouterr().err
+
+
+def test_a_model_loaded_in_bf16_runs(model_dir, files, tmp_path):
+    out = tmp_path / "out"
+    assert _run(model_dir, files, out, "--dtype", "bfloat16", "--device", "cpu") == 0
+    res = BIFResult.load(out)
+    assert torch.isfinite(res.bif).all() and res.bif.abs().max() > 0
 
 
 def test_a_run_whose_chains_all_diverge_says_so_in_one_line_and_writes_nothing(model_dir, files, tmp_path, capsys):
