@@ -1,48 +1,50 @@
 """A self-contained HTML report of a BIF over text (no external assets).
 
-For every query: the training passages with the most negative normalised BIF (proponents: their losses
-move with the query's); per token, each token coloured by its summed influence on the query (red:
-proponent, blue: opponent), as in the paper's per-token figures; plus the per-chain loss traces and the
-run's diagnostics.
+Scores are shown as the posterior correlation of the losses, the negative of the normalised BIF: positive
+(red) for a proponent, a training example whose loss moves with the query's, so that upweighting it lowers
+the query's loss; negative (blue) for an opponent. For every query: its top proponents; per token, each
+token coloured by its summed correlation with the query. Then what a user needs to decide whether to trust
+the run (``diagnostics_rows``): diverged and escaped chains, whether the loss traces settled, the
+Monte-Carlo error against the size of the BIF, what the calibration chose and why; and the per-chain loss
+traces, with labelled axes.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
+import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["write_report"]
+__all__ = ["diagnostics_rows", "write_report"]
+
+_PROPONENT, _OPPONENT = "214,39,40", "31,119,180"
+_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+# A chain's loss trace has settled when, after its first 10% of draws, the means of the two halves of the rest
+# differ by at most this many of its standard deviations.
+SETTLED_DRIFT = 0.5
+# The Monte-Carlo error against the BIF's size (median standard error over the RMS of the BIF).
+PRECISE, RANKABLE = 0.1, 0.3
 
 
 def _color(v: float, vmax: float) -> str:
     a = min(1.0, abs(v) / vmax) if vmax > 0 else 0.0
-    return f"rgba(214,39,40,{a:.2f})" if v < 0 else f"rgba(31,119,180,{a:.2f})"
+    return f"rgba({_PROPONENT if v > 0 else _OPPONENT},{a:.2f})"
 
 
-def _tokens_html(text: str, values: dict[int, float], vmax: float) -> str:
-    """Each character of an ASCII text, coloured by the value of the token that predicts it."""
+def _tokens_html(pieces: str | list[str], values: dict[int, float], vmax: float) -> str:
+    """Each piece of a text (a byte-level character or a token) coloured by the value of the position that
+    predicts it (the loss at position t is the prediction of piece t + 1)."""
     out = []
-    for pos, ch in enumerate(text):
-        v = values.get(pos - 1)  # the loss at position t is the prediction of character t + 1
+    for pos, piece in enumerate(pieces):
+        v = values.get(pos - 1)
         style = f' style="background:{_color(v, vmax)}" title="{v:+.3f}"' if v is not None else ""
-        out.append(f"<span{style}>{html.escape(ch)}</span>")
+        out.append(f"<span{style}>{html.escape(piece)}</span>")
     return "".join(out)
-
-
-def _intro(tokens: bool) -> str:
-    if not tokens:
-        return """<h1>Bayesian influence per example</h1>
-<p>Each training example is scored by its normalised BIF with the query (−correlation of the two losses over
-the localised posterior); the most negative are the proponents (upweighting them lowers the query's loss).</p>"""
-    return """<h1>Per-token Bayesian influence</h1>
-<p>Rows: training tokens; columns: query tokens. Each training passage is scored by the normalised BIF
-(−correlation of losses over the localised posterior) averaged over its token pairs with the query;
-the most negative are the proponents. Tokens are coloured by the summed influence of the position
-predicting them on the query: <span style="background:rgba(214,39,40,.6)">proponent</span>,
-<span style="background:rgba(31,119,180,.6)">opponent</span>.</p>"""
 
 
 def _joined(text: str | list[str]) -> str:
@@ -50,68 +52,163 @@ def _joined(text: str | list[str]) -> str:
     return text if isinstance(text, str) else "".join(text)
 
 
-def _trace_svg(traces: list[list[float]], width: int = 560, height: int = 140) -> str:
-    finite = [x for t in traces for x in t if x == x]
+def _drift(trace: list[float]) -> float | None:
+    """How far a loss trace's level moves after its start, in its own standard deviations (None: too short)."""
+    rest = [x for x in trace[len(trace) // 10 :] if math.isfinite(x)]
+    if len(rest) < 8:
+        return None
+    half = len(rest) // 2
+    spread = statistics.pstdev(rest) or 1e-12 * (abs(statistics.fmean(rest)) + 1e-30)
+    return abs(statistics.fmean(rest[half:]) - statistics.fmean(rest[:half])) / spread
+
+
+def diagnostics_rows(diagnostics: dict[str, Any], bif: torch.Tensor,
+                     stderr: torch.Tensor | None) -> list[tuple[str, str, str, bool]]:  # fmt: skip
+    """``(check, value, verdict, ok)`` rows that say in plain words whether a run can be trusted."""
+    rows = []
+    diverged = diagnostics.get("diverged", [])
+    n_div = sum(bool(x) for x in diverged)
+    rows.append(("Diverged chains (non-finite weights)", f"{n_div} of {len(diverged)}",
+                 "none" if n_div == 0 else "left out of the result; if many, lower the step size", n_div == 0))
+    escaped = diagnostics.get("escaped", {})
+    rows.append(("Chains that left w*'s basin", f"{len(escaped)}",
+                 "none" if not escaped else "left out of the result: " + "; ".join(map(str, escaped.values())),
+                 not escaped))  # fmt: skip
+    traces = diagnostics.get("chain_mean_train_loss", [])
+    drifts = [d for d in (_drift(t) for t in traces) if d is not None]
+    if drifts:
+        worst = max(drifts)
+        ok = worst <= SETTLED_DRIFT
+        rows.append(("Loss traces settled after the start", f"largest drift {worst:.2f} sd",
+                     "settled: the chains sample one level" if ok else
+                     "still drifting: take more burn-in steps or more draws before trusting the ranking", ok))
+    else:
+        rows.append(("Loss traces settled after the start", "too few draws", "cannot tell from so few draws", False))
+    if stderr is None:
+        rows.append(("Monte-Carlo error", "not computed", "run with compute_stderr=True to know it", False))
+    else:
+        size = float(bif.double().square().mean().sqrt())
+        rel = float(stderr.double().flatten().median()) / size if size > 0 else math.inf
+        verdict = ("precise" if rel <= PRECISE else "good enough to rank the strongest examples" if rel <= RANKABLE
+                   else "noisy: more draws or chains before reading single entries")  # fmt: skip
+        rows.append(("Monte-Carlo error / size of the BIF", f"{rel:.2f}", verdict, rel <= RANKABLE))
+    used = f"{diagnostics.get('num_chains_used', '?')} chains, {diagnostics.get('num_draws_used', '?')} draws"
+    rows.append(("Draws pooled", used, "", True))
+    rows += _calibration_rows(diagnostics.get("calibration"))
+    return rows
+
+
+def _calibration_rows(cal: dict[str, Any] | None) -> list[tuple[str, str, str, bool]]:
+    if not cal:
+        return [("Sampler settings", "given by the caller", "no calibration ran", True)]
+    rows = []
+    for key, label in (("nbeta", "Inverse temperature nbeta"), ("damping", "Damping (localization / nbeta)")):
+        item = cal.get(key, {})
+        if "value" in item:
+            rows.append((f"Calibrated: {label}", f"{item['value']:.3g}", str(item.get("rule", "")), True))
+    sampler = cal.get("sampler", {})
+    if "lr" in sampler:
+        rows.append(("Calibrated: step size, friction", f"{sampler['lr']:.3g}, {sampler.get('friction', 0):.3g}",
+                     str(sampler.get("rule", "")), True))  # fmt: skip
+    length = cal.get("length", {})
+    if "draws" in length:
+        rows.append(("Calibrated: run length", f"{length.get('chains')} chains x {length['draws']} draws",
+                     str(length.get("rule", "")), True))  # fmt: skip
+    return rows
+
+
+def _table_html(rows: list[tuple[str, str, str, bool]]) -> str:
+    body = "".join(f"<tr class='{'ok' if ok else 'warn'}'><td>{html.escape(check)}</td><td>{html.escape(value)}</td>"
+                   f"<td>{'✓' if ok else '⚠'} {html.escape(verdict)}</td></tr>" for check, value, verdict, ok in rows)
+    return f"<table id='diagnostics'><tr><th>check</th><th>value</th><th>verdict</th></tr>{body}</table>"
+
+
+def _trace_svg(traces: list[list[float]], width: int = 600, height: int = 200) -> str:
+    """Mean training loss per draw, one line per chain, with labelled axes."""
+    finite = [x for t in traces for x in t if math.isfinite(x)]
     if not finite:
         return "<p>no finite loss trace</p>"
     lo, hi = min(finite), max(finite)
     span = hi - lo or 1.0
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    left, bottom, top, right = 70, 40, 10, 10
+    w, h = width - left - right, height - top - bottom
     lines = []
     for c, t in enumerate(traces):
-        pts = " ".join(
-            f"{i * (width - 10) / max(1, len(t) - 1) + 5:.1f},{height - 5 - (x - lo) / span * (height - 10):.1f}"
-            for i, x in enumerate(t)
-            if x == x
-        )
-        lines.append(f'<polyline fill="none" stroke="{colors[c % len(colors)]}" stroke-width="1.5" points="{pts}"/>')
-    return (
-        f'<svg width="{width}" height="{height}" style="border:1px solid #ccc">{"".join(lines)}</svg>'
-        f"<div class='small'>mean training loss per draw, one line per chain ({lo:.3f} to {hi:.3f})</div>"
-    )
+        pts = " ".join(f"{left + i * w / max(1, len(t) - 1):.1f},{top + h - (x - lo) / span * h:.1f}"
+                       for i, x in enumerate(t) if math.isfinite(x))  # fmt: skip
+        color = _COLORS[c % len(_COLORS)]
+        lines.append(f'<polyline class="trace" fill="none" stroke="{color}" stroke-width="1.5" points="{pts}">'
+                     f"<title>chain {c}</title></polyline>")  # fmt: skip
+    n = max(len(t) for t in traces)
+    axes = (f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#333"/>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#333"/>'
+            f'<text x="{left}" y="{top + h + 15}" font-size="11">0</text>'
+            f'<text x="{left + w}" y="{top + h + 15}" font-size="11" text-anchor="end">{n - 1}</text>'
+            f'<text x="{left + w / 2}" y="{height - 5}" font-size="12" text-anchor="middle">draw</text>'
+            f'<text x="{left - 5}" y="{top + 10}" font-size="11" text-anchor="end">{hi:.4g}</text>'
+            f'<text x="{left - 5}" y="{top + h}" font-size="11" text-anchor="end">{lo:.4g}</text>'
+            f'<text x="14" y="{top + h / 2}" font-size="12" text-anchor="middle" '
+            f'transform="rotate(-90 14 {top + h / 2})">mean training loss</text>')  # fmt: skip
+    legend = " ".join(f"<span style='color:{_COLORS[c % len(_COLORS)]}'>━ chain {c}</span>" for c in range(len(traces)))
+    svg = f'<svg id="traces" width="{width}" height="{height}">{axes}{"".join(lines)}</svg>'
+    return f'{svg}<div class="small">{legend}</div>'
+
+
+def _intro(tokens: bool) -> str:
+    unit = "token" if tokens else "example"
+    how = ("Each training passage is scored by the correlation averaged over its token pairs with the query; "
+           "tokens are coloured by the summed correlation of the position predicting them with the query.") if tokens \
+        else "Each training example is scored by the correlation of its loss with the query's."  # fmt: skip
+    return f"""<h1>Bayesian influence per {unit}</h1>
+<p>Scores are the <b>posterior correlation</b> of the losses over the localised posterior, the negative of the
+normalised BIF: <span style="background:rgba({_PROPONENT},.6)">positive: a proponent</span> (its loss moves with
+the query's, so upweighting it lowers the query's loss), <span style="background:rgba({_OPPONENT},.6)">negative:
+an opponent</span>. {how}</p>"""
 
 
 def write_report(result, train_texts: list, query_texts: list, out_dir: str | Path, k: int = 3) -> Path:
     """Write ``out_dir/index.html`` for a BIF over ``train_texts`` × ``query_texts``: per token, each text is a
     string of byte-level tokens or the list of its token pieces (one per token, as the model read them), each
-    coloured by its influence; per sequence, plain texts ranked by their score."""
+    coloured by its correlation with the query; per sequence, plain texts ranked by their score."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    m = result.bif_normalized.double().cpu()
+    corr = -result.bif_normalized.double().cpu()
     tokens = result.train_index is not None
-    if tokens:  # each passage's normalised BIF averaged over its token pairs with the query (see the page's text)
-        scores = result.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean").double().cpu()
+    if tokens:
+        scores = -result.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean").double().cpu()
         rows, pos = result.train_index[:, 0], result.train_index[:, 1]
         qrows = result.query_index[:, 0]
     else:
-        scores = m
+        scores = corr
     sections = []
     for j, q in enumerate(query_texts):
-        order = torch.argsort(scores[:, j])[:k].tolist()
+        order = torch.argsort(scores[:, j], descending=True)[:k].tolist()
         if tokens:
-            per_token = m[:, qrows == j].sum(dim=1)  # each training token's summed influence on query j
+            per_token = corr[:, qrows == j].sum(dim=1)  # each training token's summed correlation with query j
             vmax = float(per_token.abs().max()) or 1.0
         items = []
         for i in order:
             if tokens:
                 sel = rows == i
-                values = dict(zip(pos[sel].tolist(), per_token[sel].tolist(), strict=True))
-                text = _tokens_html(train_texts[i], values, vmax)
+                text = _tokens_html(train_texts[i], dict(zip(pos[sel].tolist(), per_token[sel].tolist(), strict=True)),
+                                    vmax)  # fmt: skip
             else:
                 text = html.escape(_joined(train_texts[i]))
             items.append(f"<li><span class='score'>{scores[i, j]:+.3f}</span> <code>{text}</code></li>")
         sections.append(f"<h3>query {j}: <code>{html.escape(_joined(q))}</code></h3><ol>{''.join(items)}</ol>")
     d = result.diagnostics
-    diag = {k_: d[k_] for k_ in ("num_chains_used", "num_draws_used", "diverged", "n_train_units", "n_query_units",
-                                 "seconds", "sampler_backend") if k_ in d}  # fmt: skip
+    table = _table_html(diagnostics_rows(d, result.bif, result.stderr))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>bif_fast report</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}code{{font-size:1.05em}}
-.score{{display:inline-block;width:4.5em;color:#555}}.small{{color:#666;font-size:.85em}}</style></head><body>
+.score{{display:inline-block;width:4.5em;color:#555}}.small{{color:#666;font-size:.85em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;font-size:.9em}}
+tr.warn td{{background:#fff3cd}}</style></head><body>
 {_intro(tokens)}
 {"".join(sections)}
+<h2>Can this run be trusted?</h2>{table}
 <h2>Sampling</h2>{_trace_svg(d.get("chain_mean_train_loss", []))}
-<pre class="small">{html.escape(json.dumps(diag, indent=1))}</pre>
-<pre class="small">{html.escape(json.dumps(result.config.to_dict(), indent=1))}</pre>
+<details><summary>config</summary><pre class="small">{html.escape(json.dumps(result.config.to_dict(), indent=1))}
+</pre></details>
 </body></html>"""
     path = out_dir / "index.html"
     path.write_text(page)

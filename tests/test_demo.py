@@ -43,6 +43,7 @@ def test_demo_command_finds_the_source_of_copied_sentences(tmp_path):
     lines = out.stdout.splitlines()
     assert any(line.startswith("calibrated in") for line in lines), out.stdout
     for q in DEMO_QUERIES[:2]:
-        first = lines[lines.index(f"query {DEMO_QUERIES.index(q)}: {q!r}") + 1]
+        head = f"query {DEMO_QUERIES.index(q)}: {q!r}  (top proponents, posterior correlation = -normalised BIF)"
+        first = lines[lines.index(head) + 1]
         assert repr(q) in first, first
     assert (tmp_path / "report" / "index.html").exists()

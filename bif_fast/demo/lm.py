@@ -178,8 +178,8 @@ def _print_topk(res, train_texts, query_texts, say, k: int = 3) -> dict:
     hits = 0
     for j, q in enumerate(query_texts):
         order = torch.argsort(scores[:, j])[:k]  # most negative first: proponents
-        say(f"\nquery {j}: {q!r}")
+        say(f"\nquery {j}: {q!r}  (top proponents, posterior correlation = -normalised BIF)")
         for rank, i in enumerate(order.tolist()):
-            say(f"  {rank + 1}. {scores[i, j]:+.3f}  {train_texts[i]!r}")
+            say(f"  {rank + 1}. {-scores[i, j]:+.3f}  {train_texts[i]!r}")
         hits += int(q in train_texts and train_texts[int(order[0])] == q)
     return {"top1_exact_matches": hits, "scores": scores}
