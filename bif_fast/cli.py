@@ -184,8 +184,10 @@ def _encode(tokenizer, texts: list[str], max_length: int):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if ids.shape[1] < 2:
         raise CLIError("every example is a single token: a causal LM's loss needs at least two")
-    pieces = [[tokenizer.decode([t]) for t, m in zip(row.tolist(), mrow.tolist(), strict=True) if m]
-              for row, mrow in zip(ids, mask, strict=True)]  # fmt: skip
+    kept = [[t for t, m in zip(row.tolist(), mrow.tolist(), strict=True) if m] for row, mrow in zip(ids, mask,
+                                                                                                   strict=True)]
+    flat = iter(tokenizer.batch_decode([[t] for row in kept for t in row]))  # one call: a fast tokenizer's loop
+    pieces = [[next(flat) for _ in row] for row in kept]
     return torch.utils.data.TensorDataset(ids, mask), pieces
 
 

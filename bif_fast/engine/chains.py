@@ -97,15 +97,7 @@ class _Run:
     def checked(self, fn: Callable[[], Any]) -> Any:
         """``fn()``; with row shards a lockstep check follows, so that a rank failing in it makes every rank
         raise instead of leaving the others waiting in the next collective."""
-        if self.shard is None:
-            return fn()
-        error, out = None, None
-        try:
-            out = fn()
-        except Exception as e:
-            error = e
-        self.shard.check(error)
-        return out
+        return fn() if self.shard is None else self.shard.checked(fn)
 
     def minibatches(self, chain: int, skip: int = 0):
         """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""

@@ -231,6 +231,21 @@ class Checkpoint:
             shutil.copy2(self.state_file, tmp)
         os.replace(tmp, self.previous_file)
 
+    def _generation(self, path: Path) -> int:
+        """The generation recorded in a state file's header (its tensors are not read).
+
+        Raises:
+            ValueError: the header cannot be read.
+        """
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return int(json.loads((f.metadata() or {})[_META_KEY]).get("generation", 0))
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); delete it to start afresh "
+                             f"or restore an intact copy") from e  # fmt: skip
+
     def read_common(self) -> Restored | None:
         """Lockstep: the newest generation that every rank holds (as its state or its previous state), read
         on every rank; None when no rank has written anything but a generation 0 (which holds no work).
@@ -239,11 +254,10 @@ class Checkpoint:
             ValueError: a damaged file on some rank, or a rank missing the generation the others resume from.
         """
         error, found = None, {}
-        try:
+        try:  # the headers only: the chosen file alone is read whole and verified, below
             for path in (self.previous_file, self.state_file):  # the state file wins a tie
-                restored = self.read(path)
-                if restored is not None:
-                    found[int(restored.meta.get("generation", 0))] = (restored, path)
+                if path.exists():
+                    found[self._generation(path)] = path
         except Exception as e:  # every rank learns of it, then raises
             error = e
         self.ranks.raise_if_any_failed(error)
@@ -260,7 +274,12 @@ class Checkpoint:
         if lacking:
             raise ValueError(f"checkpoint {self.dir}: ranks {lacking} lack generation {target}, the newest every "
                              f"other rank holds (files were lost or replaced): use a new path")  # fmt: skip
-        restored, path = found[target]
+        path, restored = found[target], None
+        try:
+            restored = self.read(path)
+        except Exception as e:
+            error = e
+        self.ranks.raise_if_any_failed(error)
         if path != self.state_file:  # this rank got further: its newer state is dropped, so that its next
             os.replace(path, self.state_file)  # write keeps generation `target` as the previous one
             _fsync_dir(self.dir)

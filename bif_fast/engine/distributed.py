@@ -222,6 +222,16 @@ class RowShard:
             self.ranks.raise_if_any_failed(error)
         return None if values is None else t[1:].to(values.device).reshape(values.shape)
 
+    def checked(self, fn: Callable[[], T]) -> T | None:
+        """``fn()``, then ``check`` with what it raised: a rank failing in ``fn`` makes every rank raise."""
+        error, out = None, None
+        try:
+            out = fn()
+        except Exception as e:
+            error = e
+        self.check(error)
+        return out
+
 
 def _batch_rows(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):

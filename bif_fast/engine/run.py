@@ -323,15 +323,10 @@ class _Saver:
         if running is not None:
             tensors.update(running[0])
             meta["running"] = running[1]
-        error = None
-        try:
+        if self.shard is None:
             self.checkpoint.write(tensors, meta)
-        except Exception as e:  # e.g. a full disk: with row shards every rank learns of it and raises
-            if self.shard is None:
-                raise
-            error = e
-        if self.shard is not None:
-            self.shard.check(error)
+        else:  # e.g. a full disk on one rank: every rank learns of it and raises
+            self.shard.checked(lambda: self.checkpoint.write(tensors, meta))
         self.generation += 1
         self.last = time.monotonic()
 
