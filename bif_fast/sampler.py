@@ -194,11 +194,13 @@ class SGLD(torch.optim.Optimizer):
         return _Segment(dtype, offset, group, starts, flat_param, flat_grad, master, flat_param.clone(), None,
                         [p.grad for p in group])  # fmt: skip
 
-    def _in_place(self, p: torch.Tensor, offset: int) -> _Segment:
-        """One parameter updated in its own storage: the segment holds views of it, w* and (bf16/fp16) a master."""
-        flat = p.data.view(-1)
+    def _in_place(self, p: torch.Tensor, offset: int, local: torch.Tensor | None = None) -> _Segment:
+        """One parameter updated in its own storage (of a DTensor: its ``local`` piece): the segment holds a
+        view of it, w* and (bf16/fp16) a master."""
+        local = p.data if local is None else local
+        flat = local.view(-1)
         master = flat if p.dtype == torch.float32 else flat.float()
-        return _Segment(p.dtype, offset, [p], [0], flat, None, master, flat.clone(), None, [], p.shape)
+        return _Segment(p.dtype, offset, [p], [0], flat, None, master, flat.clone(), None, [], local.shape)
 
     def _pieces(self, params: list[torch.Tensor]) -> list[_Segment]:
         """One segment per sharded parameter: its local piece, updated in place (``sharded`` module)."""
@@ -206,13 +208,10 @@ class SGLD(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_dtype.setdefault(p.dtype, []).append((i, p))
         segments, offset = [], 0
-        for dtype, group in by_dtype.items():
+        for group in by_dtype.values():
             for i, p in group:
                 piece = local_piece(p, i)
-                flat = piece.local.view(-1)
-                master = flat if dtype == torch.float32 else flat.float()
-                segments.append(_Segment(dtype, offset + piece.start, [p], [0], flat, None, master, flat.clone(), None,
-                                         [], piece.local.shape))  # fmt: skip
+                segments.append(self._in_place(p, offset + piece.start, piece.local))
                 offset += p.numel()
         return segments
 
