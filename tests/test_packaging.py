@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def test_readme_python_examples_run(tmp_path):
     blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 4
     for code in blocks:
+        # A block that imports an optional integration runs where it is installed (CI's step for it).
+        optional = re.findall(r"^from (dattri|devinterp)[. ]", code, flags=re.M)
+        if any(importlib.util.find_spec(name) is None for name in optional):
+            continue
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path)
 
 
