@@ -11,6 +11,7 @@ traces, with labelled axes.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["diagnostics_rows", "write_report"]
+__all__ = ["diagnostics_rows", "explorer_data", "write_report"]
 
 _PROPONENT, _OPPONENT = "214,39,40", "31,119,180"
 _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -29,6 +30,10 @@ _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 SETTLED_DRIFT = 0.5
 # The Monte-Carlo error against the BIF's size (median standard error over the RMS of the BIF).
 PRECISE, RANKABLE = 0.1, 0.3
+# The per-token explorer embeds, per query, the token x token blocks of its strongest proponent and opponent
+# passages (at most EXPLORER_PASSAGES of each, fewer while the blocks exceed EXPLORER_MAX_CELLS int8 cells in
+# all), and each query token's EXPLORER_TOP_TOKENS strongest training tokens over the whole training set.
+EXPLORER_PASSAGES, EXPLORER_TOP_TOKENS, EXPLORER_MAX_CELLS = 5, 8, 4_000_000
 
 
 def _color(v: float, vmax: float) -> str:
@@ -166,6 +171,109 @@ the query's, so upweighting it lowers the query's loss), <span style="background
 an opponent</span>. {how}</p>"""
 
 
+def _pieces(text: str | list[str]) -> list[str]:
+    return list(text) if isinstance(text, str) else list(text)
+
+
+def _units_by_sequence(index: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The unit indices of each sequence (rows or columns of the per-token matrix), in position order."""
+    seq = index[:, 0]
+    order = torch.argsort(seq, stable=True)
+    counts = torch.bincount(seq, minlength=int(seq.max()) + 1 if seq.numel() else 0).tolist()
+    return {s: part for s, part in enumerate(torch.split(order, counts)) if part.numel()}
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(v, 4) for v in values.tolist()]
+
+
+def _block(corr: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, train_index, query_index, i: int,
+           score: float) -> dict[str, Any]:  # fmt: skip
+    block = corr[rows][:, cols].float()
+    scale = float(block.abs().max()) or 1.0
+    cells = torch.round(block / scale * 127).to(torch.int8).contiguous()
+    return {"i": i, "score": round(score, 4), "rows": train_index[rows, 1].tolist(),
+            "cols": query_index[cols, 1].tolist(), "scale": scale,
+            "rowSum": _rounded(block.sum(1)), "colSum": _rounded(block.sum(0)),
+            "data": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}  # fmt: skip
+
+
+def _chosen_passages(scores: torch.Tensor, j: int, per_side: int, has_units: set[int]) -> list[int]:
+    """The strongest proponents, then the strongest opponents, of query j (passages with units only)."""
+    order = [i for i in torch.argsort(scores[:, j], descending=True).tolist() if i in has_units]
+    chosen = order[:per_side] + [i for i in reversed(order[-per_side:]) if i not in order[:per_side]]
+    return chosen
+
+
+def explorer_data(result, train_texts: list, query_texts: list, *, passages: int = EXPLORER_PASSAGES,
+                  top_tokens: int = EXPLORER_TOP_TOKENS,
+                  max_cells: int = EXPLORER_MAX_CELLS) -> dict[str, Any]:  # fmt: skip
+    """The per-token explorer's data: pieces, per-query blocks of chosen passages, top training tokens.
+
+    ``note`` says what was left out to stay within ``max_cells`` embedded block cells."""
+    corr = torch.nan_to_num(-result.bif_normalized.float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+    tidx, qidx = result.train_index.cpu(), result.query_index.cpu()
+    rows_of, cols_of = _units_by_sequence(tidx), _units_by_sequence(qidx)
+    scores = -result.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean").double().cpu()
+    scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+    per_side = max(1, min(passages, scores.shape[0]))
+    size = lambda p: sum(rows_of[i].numel() * cols_of[j].numel()  # noqa: E731
+                         for j in cols_of for i in _chosen_passages(scores, j, p, set(rows_of)))  # fmt: skip
+    while per_side > 1 and size(per_side) > max_cells:
+        per_side -= 1
+    note, budget, blocks = [], max_cells, []
+    if per_side < min(passages, scores.shape[0]):
+        note.append(f"{per_side} proponent and opponent passages per query (of {passages}) to stay within "
+                    f"{max_cells:,} embedded cells")  # fmt: skip
+    k = min(top_tokens, corr.shape[0])
+    queries = []
+    for j in range(len(query_texts)):
+        cols = cols_of.get(j, torch.empty(0, dtype=torch.long))
+        mine = []
+        for i in _chosen_passages(scores, j, per_side, set(rows_of)) if cols.numel() else []:
+            cells = rows_of[i].numel() * cols.numel()
+            if cells > budget:
+                note.append(f"query {j}: passage {i} and later blocks left out (cell cap)")
+                break
+            budget -= cells
+            mine.append(_block(corr, rows_of[i], cols, tidx, qidx, i, float(scores[i, j])))
+        blocks.append(mine)
+        queries.append({"pieces": _pieces(query_texts[j]), "positions": qidx[cols, 1].tolist(),
+                        "top": _top_tokens(corr[:, cols], tidx, k)})  # fmt: skip
+    return {"train": [_pieces(t) for t in train_texts], "queries": queries, "blocks": blocks,
+            "topTokens": top_tokens, "note": "; ".join(note)}  # fmt: skip
+
+
+def _top_tokens(columns: torch.Tensor, train_index: torch.Tensor, k: int) -> list:
+    """Per column, its k largest entries as ``[passage, position, value]``."""
+    if columns.shape[1] == 0:
+        return []
+    top = torch.topk(columns, k, dim=0)
+    where = train_index[top.indices.T]  # [columns, k, 2]
+    return [[[int(i), int(t), round(v, 4)] for (i, t), v in zip(w.tolist(), vals, strict=True)]
+            for w, vals in zip(where, top.values.T.tolist(), strict=True)]  # fmt: skip
+
+
+def _explorer_html(data: dict[str, Any]) -> str:
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    script = (Path(__file__).with_name("report_explorer.js")).read_text(encoding="utf-8")
+    note = f"<p class='small' id='explorer-note'>Capped: {html.escape(data['note'])}.</p>" if data["note"] else ""
+    return f"""<h2>Explore token by token</h2>
+<p class="small">Choose a query and one of its strongest proponent or opponent passages. The query's tokens are
+coloured by their summed correlation with the passage's tokens, the passage's tokens by their summed correlation
+with the query's; the heat map is the token x token block (rows: passage tokens, columns: query tokens). Click a
+token to see the tokens it moves with most.</p>{note}
+<div><select id="query-select"></select> <select id="passage-select"></select> <span id="pair-score"
+class="small"></span></div>
+<h4>query, coloured by the passage's influence</h4><div id="query-view" class="text"></div>
+<h4>passage, coloured by its influence on the query</h4><div id="passage-view" class="text"></div>
+<div id="token-info" class="small"></div>
+<h4>token x token block</h4><div id="heat-scale" class="small"></div><canvas id="heatmap"></canvas>
+<div id="heat-info" class="small"></div>
+<script type="application/json" id="bif-data">{payload}</script>
+<script>{script}</script>"""
+
+
 def write_report(result, train_texts: list, query_texts: list, out_dir: str | Path, k: int = 3) -> Path:
     """Write ``out_dir/index.html`` for a BIF over ``train_texts`` × ``query_texts``: per token, each text is a
     string of byte-level tokens or the list of its token pieces (one per token, as the model read them), each
@@ -201,10 +309,13 @@ def write_report(result, train_texts: list, query_texts: list, out_dir: str | Pa
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>bif_fast report</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}code{{font-size:1.05em}}
 .score{{display:inline-block;width:4.5em;color:#555}}.small{{color:#666;font-size:.85em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;font-size:.9em}}
+table{{border-collapse:collapse}}.text{{font-family:monospace;white-space:pre-wrap;line-height:1.6}}
+.tok{{cursor:pointer}}.tok.selected{{outline:2px solid #000}}mark{{background:#ffe08a}}canvas{{border:1px solid #ccc}}
+td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:left;font-size:.9em}}
 tr.warn td{{background:#fff3cd}}</style></head><body>
 {_intro(tokens)}
 {"".join(sections)}
+{_explorer_html(explorer_data(result, train_texts, query_texts)) if tokens else ""}
 <h2>Can this run be trusted?</h2>{table}
 <h2>Sampling</h2>{_trace_svg(d.get("chain_mean_train_loss", []))}
 <details><summary>config</summary><pre class="small">{html.escape(json.dumps(result.config.to_dict(), indent=1))}

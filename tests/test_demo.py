@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +30,11 @@ def test_short_demo_writes_a_report(tmp_path, monkeypatch):
     html = (tmp_path / "index.html").read_text()
     assert summary["diverged"] == [False, False]
     assert summary["scores"].shape == (len(demo_corpus()), len(DEMO_QUERIES))
-    assert html.count("<h3>query") == len(DEMO_QUERIES) and "<svg" in html and "nan" not in html.lower()
+    assert html.count("<h3>query") == len(DEMO_QUERIES) and "<svg" in html
+    data = re.search(r'<script type="application/json" id="bif-data">(.*?)</script>', html, flags=re.S)
+    json.loads(data.group(1), parse_constant=lambda c: pytest.fail(f"non-finite {c} in the explorer's data"))
+    text = re.sub(r"<script.*?</script>", "", html, flags=re.S)  # base64 and code may spell "nan" by chance
+    assert "nan" not in text.lower()
 
 
 def test_demo_command_finds_the_source_of_copied_sentences(tmp_path):

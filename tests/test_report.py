@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from bif_fast import BIFConfig, SGLDConfig, compute_bif
@@ -63,3 +64,70 @@ def test_report_ranks_by_posterior_correlation_with_a_trust_table_and_labelled_t
     assert page.count('<polyline class="trace"') == 3
     assert ">draw</text>" in page and ">mean training loss</text>" in page
     assert "nan" not in page.lower()
+
+
+def synthetic_token_result(n_train: int = 7, n_query: int = 3, seed: int = 0):
+    """A per-token BIFResult of random correlations over texts of varied lengths (some positions left out,
+    as padding and ignored tokens are), with the texts: (result, train_texts, query_texts)."""
+    from bif_fast import BIFResult
+
+    g = torch.Generator().manual_seed(seed)
+    words = ["the ", "cat ", "sat ", "on ", "a ", "mat ", "dog ", "ran "]
+    texts = [["".join(words[int(w)] for w in torch.randint(0, 8, (int(n),), generator=g)).strip()
+              for n in torch.randint(2, 6, (count,), generator=g)] for count in (n_train, n_query)]  # fmt: skip
+
+    def index(side):  # the loss at position t predicts character t + 1; every third position is left out
+        return torch.tensor([[s, t] for s, text in enumerate(side) for t in range(len(text) - 1) if (s + t) % 3],
+                            dtype=torch.long)  # fmt: skip
+
+    tidx, qidx = index(texts[0]), index(texts[1])
+    corr = torch.rand(len(tidx), len(qidx), generator=g, dtype=torch.float64) * 2 - 1
+    res = BIFResult(bif=-corr * 0.01, bif_normalized=-corr, stderr=None, diagnostics={}, config=BIFConfig(),
+                    per_token=True, train_index=tidx, query_index=qidx)  # fmt: skip
+    return res, texts[0], texts[1]
+
+
+def test_explorer_blocks_are_the_matrix_and_top_tokens_the_columns_best():
+    import base64
+
+    from bif_fast.report import explorer_data
+
+    res, train, query = synthetic_token_result()
+    corr = -res.bif_normalized
+    data = explorer_data(res, train, query, passages=2, top_tokens=4)
+    scores = -res.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean")
+    assert data["train"] == [list(t) for t in train] and data["note"] == ""
+    for j, blocks in enumerate(data["blocks"]):
+        chosen = [b["i"] for b in blocks]
+        order = torch.argsort(scores[:, j], descending=True).tolist()
+        assert chosen == order[:2] + order[::-1][:2]  # two proponents, then two opponents, strongest first
+        cols = (res.query_index[:, 0] == j).nonzero().squeeze(1)
+        for b in blocks:
+            rows = (res.train_index[:, 0] == b["i"]).nonzero().squeeze(1)
+            block = corr[rows][:, cols]
+            assert b["rows"] == res.train_index[rows, 1].tolist() and b["cols"] == res.query_index[cols, 1].tolist()
+            cells = torch.frombuffer(bytearray(base64.b64decode(b["data"])), dtype=torch.int8).double()
+            assert cells.numel() == block.numel()
+            torch.testing.assert_close(cells.view_as(block) / 127 * b["scale"], block, atol=b["scale"] / 250, rtol=0)
+            torch.testing.assert_close(torch.tensor(b["rowSum"], dtype=torch.float64), block.sum(1), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(b["colSum"], dtype=torch.float64), block.sum(0), atol=1e-4, rtol=0)
+        q = data["queries"][j]
+        assert q["positions"] == res.query_index[cols, 1].tolist()
+        for c, top in zip(cols.tolist(), q["top"], strict=True):
+            best = torch.topk(corr[:, c], 4)
+            assert [[int(res.train_index[r, 0]), int(res.train_index[r, 1])] for r in best.indices] == \
+                [t[:2] for t in top]  # fmt: skip
+            assert [t[2] for t in top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_explorer_caps_its_blocks_and_says_so(tmp_path):
+    from bif_fast.report import explorer_data
+
+    res, train, query = synthetic_token_result(n_train=12, n_query=4)
+    full = explorer_data(res, train, query, passages=5)
+    cells = sum(len(b["rows"]) * len(b["cols"]) for blocks in full["blocks"] for b in blocks)
+    capped = explorer_data(res, train, query, passages=5, max_cells=cells // 3)
+    kept = sum(len(b["rows"]) * len(b["cols"]) for blocks in capped["blocks"] for b in blocks)
+    assert kept <= cells // 3 and "passages per query" in capped["note"]
+    page = write_report(res, train, query, tmp_path).read_text()
+    assert '<script type="application/json" id="bif-data">' in page and "id='explorer-note'" not in page
