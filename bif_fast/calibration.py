@@ -73,6 +73,10 @@ FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
 REFITS, REFIT_STEPS, MIN_REFIT_STEPS = 12, 100, 20
 PROBE_SHARE, PILOT_SHARE = 0.15, 0.3  # of the budget: the re-fits and the pilots scale down to fit them
 SAFETY = 0.8
+# Where a pilot at the chosen nbeta diverged, the final run's step is this fraction of the step the pilots
+# survived with: the curvature the chains meet exceeds the estimate at w*, and the final chains run many times
+# more steps than a pilot's, so a step that only just held for a pilot is likely to fail in some final chain.
+FINAL_BACKOFF = 0.5
 EVAL_BATCH = 1024  # sequences per evaluation batch (and per slice of the full-batch gradient)
 SAMPLING_SHARE = 0.9  # of the time left after calibration (the final run's set-up is measured apart)
 MIN_SAMPLING_FACTOR = 1.0  # the final run gets at least the calibration's own time
@@ -369,7 +373,8 @@ class _Search:
 
     def final(self, best: dict[str, Any], seconds_left: float, t0: float) -> Calibrated:
         shrink = min(best["step_shrink"], self.shrink[best["nbeta"]])
-        sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink)
+        backoff = FINAL_BACKOFF if shrink < 1.0 else 1.0
+        sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink * backoff)
         per_step, overhead = self.speed()
         draws = self.draws_for(seconds_left - overhead, per_step)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
@@ -381,7 +386,10 @@ class _Search:
                         "rule": f"the probe's best of {[f'{f:g} x lam_max' for f in COARSE_DAMPINGS]} and sqrt(10) "
                         f"either side of it; the largest when no score exceeds {INFORMATIVE_SE:g} jackknife s.e."},
             "sampler": {"lr": sgld.lr, "friction": sgld.friction, **why, "mass_rank": mass.rank if mass else 0,
-                        "rule": f"BAOAB, curvature mass, lr = {SAFETY:g} x 2/sqrt(a_ref), friction 2 sqrt(a_min)"},
+                        "final_backoff": backoff,
+                        "rule": f"BAOAB, curvature mass, lr = {SAFETY:g} x 2/sqrt(a_ref) x step_shrink (halved per "
+                        f"diverged pilot, and by {FINAL_BACKOFF:g} more for the final run where a pilot diverged), "
+                        f"friction 2 sqrt(a_min)"},
             "candidates": self.candidates,
             "probe": {"refits": REFITS, "steps": self.probe.gradient_evaluations // max(REFITS * self.n_sequences, 1),
                       "pilot_draws": self.pilot_draws, "seconds": self.probe.seconds,
