@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -95,8 +96,9 @@ def test_is_a_dattri_attributor_and_sign_matches_dattri_lds():
     assert attributor.results[0].diagnostics["calibration"]  # the defaults ran and say what they chose
 
 
+@pytest.mark.parametrize("chain_batch", [1, 2], ids=["chains_one_by_one", "chains_under_vmap"])
 @pytest.mark.parametrize("per_token", [False, True])
-def test_scores_are_minus_compute_bif(per_token):
+def test_scores_are_minus_compute_bif(per_token, chain_batch):
     model, train, test, _ = _problem()
     out = 3 if per_token else 1
     model = torch.nn.Linear(D, out)
@@ -108,15 +110,17 @@ def test_scores_are_minus_compute_bif(per_token):
         return per_position if per_token else per_position.mean()
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    attributor = BIFAttributor(task, config=_config(), per_token=per_token)
+    config = dataclasses.replace(_config(), chain_batch=chain_batch)  # the task's functional_call, nested in vmap
+    attributor = BIFAttributor(task, config=config, per_token=per_token)
     attributor.cache(_loader(train))
     scores = attributor.attribute(_loader(train), _loader(test))
+    assert attributor.results[0].diagnostics["chain_batch"] == chain_batch
 
     def loss_fn(m, batch):
         per_position = (m(batch[0]) - targets(batch)) ** 2
         return per_position if per_token else per_position.mean(1)
 
-    res = compute_bif(model, train, test, loss_fn=loss_fn, config=_config(), per_token=per_token)
+    res = compute_bif(model, train, test, loss_fn=loss_fn, config=config, per_token=per_token)
     assert scores.shape == res.bif.shape == ((N * out, M * out) if per_token else (N, M))
     torch.testing.assert_close(scores, -res.bif.float(), rtol=1e-4, atol=1e-6 * float(res.bif.abs().max()))
 
