@@ -171,10 +171,6 @@ the query's, so upweighting it lowers the query's loss), <span style="background
 an opponent</span>. {how}</p>"""
 
 
-def _pieces(text: str | list[str]) -> list[str]:
-    return list(text) if isinstance(text, str) else list(text)
-
-
 def _units_by_sequence(index: torch.Tensor) -> dict[int, torch.Tensor]:
     """The unit indices of each sequence (rows or columns of the per-token matrix), in position order."""
     seq = index[:, 0]
@@ -198,11 +194,9 @@ def _block(corr: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, train_ind
             "data": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}  # fmt: skip
 
 
-def _chosen_passages(scores: torch.Tensor, j: int, per_side: int, has_units: set[int]) -> list[int]:
-    """The strongest proponents, then the strongest opponents, of query j (passages with units only)."""
-    order = [i for i in torch.argsort(scores[:, j], descending=True).tolist() if i in has_units]
-    chosen = order[:per_side] + [i for i in reversed(order[-per_side:]) if i not in order[:per_side]]
-    return chosen
+def _chosen_passages(order: list[int], per_side: int) -> list[int]:
+    """The strongest proponents, then the strongest opponents, from passages ranked by score (descending)."""
+    return order[:per_side] + [i for i in reversed(order[-per_side:]) if i not in order[:per_side]]
 
 
 def explorer_data(result, train_texts: list, query_texts: list, *, passages: int = EXPLORER_PASSAGES,
@@ -217,8 +211,10 @@ def explorer_data(result, train_texts: list, query_texts: list, *, passages: int
     scores = -result.aggregate(train="sequence", query="sequence", normalized=True, reduce="mean").double().cpu()
     scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
     per_side = max(1, min(passages, scores.shape[0]))
+    # Per query, the passages with units ranked by score: ranked once, sliced per candidate size.
+    ranked = {j: [i for i in torch.argsort(scores[:, j], descending=True).tolist() if i in rows_of] for j in cols_of}
     size = lambda p: sum(rows_of[i].numel() * cols_of[j].numel()  # noqa: E731
-                         for j in cols_of for i in _chosen_passages(scores, j, p, set(rows_of)))  # fmt: skip
+                         for j in cols_of for i in _chosen_passages(ranked[j], p))  # fmt: skip
     while per_side > 1 and size(per_side) > max_cells:
         per_side -= 1
     note, budget, blocks = [], max_cells, []
@@ -230,7 +226,7 @@ def explorer_data(result, train_texts: list, query_texts: list, *, passages: int
     for j in range(len(query_texts)):
         cols = cols_of.get(j, torch.empty(0, dtype=torch.long))
         mine = []
-        for i in _chosen_passages(scores, j, per_side, set(rows_of)) if cols.numel() else []:
+        for i in _chosen_passages(ranked[j], per_side) if j in ranked else []:
             cells = rows_of[i].numel() * cols.numel()
             if cells > budget:
                 note.append(f"query {j}: passage {i} and later blocks left out (cell cap)")
@@ -238,9 +234,9 @@ def explorer_data(result, train_texts: list, query_texts: list, *, passages: int
             budget -= cells
             mine.append(_block(corr, rows_of[i], cols, tidx, qidx, i, float(scores[i, j])))
         blocks.append(mine)
-        queries.append({"pieces": _pieces(query_texts[j]), "positions": qidx[cols, 1].tolist(),
+        queries.append({"pieces": list(query_texts[j]), "positions": qidx[cols, 1].tolist(),
                         "top": _top_tokens(corr[:, cols], tidx, k)})  # fmt: skip
-    return {"train": [_pieces(t) for t in train_texts], "queries": queries, "blocks": blocks,
+    return {"train": [list(t) for t in train_texts], "queries": queries, "blocks": blocks,
             "topTokens": top_tokens, "note": "; ".join(note)}  # fmt: skip
 
 
