@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 import bif_fast.calibration as calibration
 from bif_fast import calibrate, compute_bif
-from bif_fast.engine.probe import RefitProbe, probe_score, probe_score_and_se
+from bif_fast.engine.probe import RefitProbe, extrapolated_score, probe_noise_fractions, probe_score, probe_score_and_se
 
 WD = 0.05
 
@@ -62,8 +62,7 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert sgld.weight_decay == pytest.approx(sgld.nbeta * WD, rel=1e-3)
     damping = cal["damping"]["value"]
     assert sgld.localization == pytest.approx(damping * sgld.nbeta)
-    grid = [f * r for f in calibration.COARSE_DAMPINGS for r in (1 / calibration.REFINE, 1.0, calibration.REFINE)]
-    assert any(damping == pytest.approx(f * float(evals[0]), rel=1e-3) for f in grid)
+    assert any(damping == pytest.approx(f * float(evals[0]), rel=1e-3) for f in calibration.DAMPINGS)
     # The stable step: 0.8 x 2 / sqrt(a_ref), a_ref the (k+1)-th curvature of the potential (k = d - 1 here).
     rank = sgld.mass_rank
     shrink = cal["sampler"]["step_shrink"]
@@ -73,8 +72,8 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert calibration.MIN_DRAWS <= cfg.num_draws <= 400 and cfg.num_chains == calibration.FINAL_CHAINS
     assert {"candidates", "probe", "length", "nbeta", "seconds"} <= set(cal)
     tried = sorted({c["damping"] for c in cal["candidates"]})
-    assert all("probe_lds" in c for c in cal["candidates"]) and len(tried) == len(calibration.COARSE_DAMPINGS) + 2
-    assert tried[-1] / tried[0] > 0.99 * 10 ** (len(calibration.COARSE_DAMPINGS) - 1)  # the grid's whole span
+    assert all("probe_lds" in c for c in cal["candidates"]) and len(tried) == len(calibration.DAMPINGS)
+    assert tried[-1] / tried[0] == pytest.approx(calibration.DAMPINGS[-1] / calibration.DAMPINGS[0])  # both ends
     assert torch.equal(model.weight.detach(), w_before)
 
 
@@ -158,6 +157,51 @@ def test_probe_standard_error_is_the_jackknife_over_re_fits():
     assert score == pytest.approx(probe_score(bif, RefitProbe(kept, delta, 0.0, 0)))
     assert se == pytest.approx(float((11 / 12 * (loo - loo.mean()).square().sum()).sqrt()), rel=1e-9)
     assert 0.05 < se < 0.6  # twelve re-fits of noise: a wide score
+
+
+def test_probe_noise_fractions_measure_the_halves_disagreement():
+    g = torch.Generator().manual_seed(2)
+    kept = torch.rand(4000, 6, generator=g)
+    signal = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    delta = kept.double() @ signal + 0.5 * torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    probe = RefitProbe(kept, delta, 0.0, 0)
+    corr, frac = probe_noise_fractions(signal, signal, probe)  # identical halves: no noise
+    assert torch.equal(frac, torch.zeros(3, dtype=torch.float64))
+    assert float(corr.mean()) == pytest.approx(probe_score(signal, probe))
+    # Halves signal +- noise: the pool is the signal, and its noise variance a quarter of the difference's.
+    noise = 0.7 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    corr, frac = probe_noise_fractions(signal + noise, signal - noise, probe)
+    pn, ps = kept.double() @ noise, kept.double() @ signal
+    assert torch.allclose(frac, pn.var(0) / ps.var(0), rtol=1e-9)
+    assert float(corr.mean()) == pytest.approx(probe_score(signal, probe))
+
+
+def test_extrapolated_score_carries_the_correlation_to_more_draws():
+    """Halves with independent noise of a known size: the score extrapolated to ``gain`` times the draws
+    matches the score of a BIF whose noise is ``gain`` times smaller in variance (Spearman of Gaussian
+    predictions follows the Pearson attenuation closely); no gain leaves the score as it is; a fraction at or
+    above 1 (all noise) takes the cap."""
+    g = torch.Generator().manual_seed(3)
+    k, n, p, gain = 3000, 40, 300, 8.0
+    kept = torch.rand(k, n, generator=g)
+    signal = torch.randn(n, p, generator=g, dtype=torch.float64)
+    clean = kept.double() @ signal
+    delta = clean + 0.5 * clean.std() * torch.randn(k, p, generator=g, dtype=torch.float64)
+    probe = RefitProbe(kept, delta, 0.0, 0)
+    ea, eb = (1.5 * torch.randn(n, p, generator=g, dtype=torch.float64) for _ in range(2))
+    corr, frac = probe_noise_fractions(signal + ea, signal + eb, probe)
+    score, c = extrapolated_score(corr, frac, gain, max_noise_ratio=100.0)
+    cov = torch.cov(kept.double().T)  # of the re-fits' kept weights: the predictions' spread is s^T cov s
+    pool_noise = float(cov.trace()) * 1.5**2 / 2  # expected, for the pool's noise of variance 1.5^2 / 2
+    f = float((pool_noise / (torch.einsum("iu,ij,ju->u", signal, cov, signal) + pool_noise)).mean())
+    # The pool's noise share, from the halves alone (a ratio of two noisy variances: ~10% high here).
+    assert c == pytest.approx(f / (1 - f), rel=0.2)
+    assert score > float(corr.mean()) + 0.1
+    longer = probe_score(signal + 1.5 / math.sqrt(2 * gain) * torch.randn(n, p, generator=g, dtype=torch.float64),
+                         probe)  # fmt: skip
+    assert score == pytest.approx(longer, abs=0.03)
+    assert extrapolated_score(corr, frac, 1.0, max_noise_ratio=100.0)[0] == pytest.approx(float(corr.mean()))
+    assert extrapolated_score(corr, torch.ones(p), gain, max_noise_ratio=3.0)[1] == 3.0
 
 
 def test_an_uninformative_probe_falls_back_to_the_largest_damping(short_runs, monkeypatch, caplog):

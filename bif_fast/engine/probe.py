@@ -14,6 +14,7 @@ change, as the LDS is.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 from bif_fast.engine.data import batch_len
 from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask
 
-__all__ = ["RefitProbe", "jackknife_se", "probe_loo_scores", "probe_score", "probe_score_and_se", "refit_probe"]
+__all__ = ["RefitProbe", "extrapolated_score", "jackknife_se", "probe_loo_scores", "probe_noise_fractions",
+           "probe_score", "probe_score_and_se", "refit_probe"]
 
 
 @dataclass
@@ -124,6 +126,44 @@ def probe_score(bif: torch.Tensor, probe: RefitProbe) -> float:
     """Mean over query units of the Spearman correlation across re-fits between the BIF's prediction
     and the observed change of the query loss."""
     return float(_correlations(*_predictions(bif, probe)).mean())
+
+
+def probe_noise_fractions(half_a: torch.Tensor, half_b: torch.Tensor,
+                          probe: RefitProbe) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per query unit, the pooled BIF's probe correlation and the share of its predictions' spread across
+    re-fits that is Monte-Carlo noise, from the BIFs of two independent halves of a run.
+
+    The spread of a unit's predicted changes across re-fits is signal plus noise. The halves' difference
+    has no signal and twice the noise variance of either half, so the pool's noise variance is a quarter of
+    the difference's.
+
+    Returns:
+        (``[p]`` correlations of the pool, ``[p]`` noise variance over total variance: 0 for no noise, about
+        1 when the spread is all noise, and above 1 by chance).
+    """
+    pa, delta = _predictions(half_a, probe)
+    pb, _ = _predictions(half_b, probe)
+    pooled = (pa + pb) / 2
+    noise = (pa - pb).var(0) / 4
+    return _correlations(pooled, delta).cpu(), (noise / pooled.var(0).clamp_min(1e-300)).cpu()
+
+
+def extrapolated_score(correlations: torch.Tensor, noise_fractions: torch.Tensor, gain: float, *,
+                       max_noise_ratio: float) -> tuple[float, float]:  # fmt: skip
+    """The mean probe correlation with ``gain`` times the draws.
+
+    A correlation measured through noise of noise-to-signal ratio ``c`` is attenuated by ``1 / sqrt(1 + c)``,
+    and ``gain`` times the draws divides ``c`` by ``gain``, so the score is carried over by
+    ``sqrt((1 + c) / (1 + c / gain))``. ``c`` comes from the units' mean noise fraction ``f`` as
+    ``f / (1 - f)``, capped at ``max_noise_ratio``: a mean over units is stable where one unit's ratio of
+    two variances from a dozen re-fits is not.
+
+    Returns:
+        (the extrapolated score, the noise-to-signal ratio ``c`` used).
+    """
+    f = float(noise_fractions.mean())
+    c = max_noise_ratio if f >= 1 else min(f / (1 - f), max_noise_ratio)
+    return float(correlations.mean()) * math.sqrt((1 + c) / (1 + c / gain)), c
 
 
 def probe_score_and_se(bif: torch.Tensor, probe: RefitProbe) -> tuple[float, float]:
