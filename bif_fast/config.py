@@ -172,7 +172,8 @@ class BIFConfig:
         default="auto",
         metadata=_help(
             "chains run at once through torch.func.vmap over stacked weights (1 = one by one); 'auto' batches "
-            "small models on a GPU. Results equal the sequential ones up to rounding"
+            "small models on a GPU, and on a CPU where parameters x evaluation rows is small (larger with "
+            "full-batch gradients). Results equal the sequential ones up to rounding"
         ),
     )
     estimator: Literal["plain", "lag1"] = field(

@@ -197,6 +197,10 @@ def test_auto_policy():
     f64 = torch.float64
     assert chain_batch_size(cfg, cpu, 200, 100, 30, f64, eval_rows=130) == 8  # tiny: dispatch-bound, batched
     assert chain_batch_size(cfg, cpu, 9882, 1000, 200, f64, eval_rows=1200) == 1  # compute-bound on a CPU
+    # Full-batch gradients (the calibrated defaults): products large enough for the batched ones to pay.
+    full = dataclasses.replace(cfg, batch_size="full")
+    assert chain_batch_size(full, cpu, 9882, 1000, 200, f64, eval_rows=1200) == 8
+    assert chain_batch_size(full, cpu, 100_000, 1000, 200, f64, eval_rows=1200) == 1
     assert chain_batch_size(cfg, cuda, 9882, 1000, 200, f64, eval_rows=1200) == 8
     assert chain_batch_size(cfg, cuda, 10**8, 1000, 200, f64, eval_rows=1200) == 1  # not a small model
     assert chain_batch_size(cfg, cuda, 9882, 100_000, 10_000, f64, eval_rows=1200) == 1  # accumulators too big

@@ -263,12 +263,16 @@ class BatchedChains:
 # Auto chain batching. On a GPU: models of at most _AUTO_BATCH_MAX_PARAMS sampled parameters, as many
 # chains as the per-chain accumulators allow within _AUTO_BATCH_ACC_BYTES. On a CPU, vmap pays only where
 # per-call dispatch dominates (benchmarks/results/chain_batch.csv: 1.2-1.5x for MLPs of 212 and 1,860
-# parameters, 0.6-0.9x at 3,716, where vmap's batched cross-entropy is slow), so a CPU run is batched when
-# parameters x evaluation rows <= _AUTO_BATCH_CPU_WORK. The rule is deterministic, so the same call always
-# takes the same path (the paths agree only up to rounding).
+# parameters, 0.6-0.9x at 3,716, where vmap's batched cross-entropy is slow), so a CPU run with minibatch
+# gradients is batched when parameters x evaluation rows <= _AUTO_BATCH_CPU_WORK. With full-batch gradients
+# (the calibrated defaults) the matrix products are large enough for the batched ones to pay: 1.07-2.1x on
+# the five LDS settings at their calibrated settings (385-9,610 parameters, 320-1,200 rows, 2 threads), so
+# the bound there is _AUTO_BATCH_CPU_FULL_WORK. The rule is deterministic, so the same call always takes
+# the same path (the paths agree only up to rounding).
 _AUTO_BATCH_MAX_PARAMS = 1 << 22
 _AUTO_BATCH_ACC_BYTES = 2 << 30
 _AUTO_BATCH_CPU_WORK = 1 << 20
+_AUTO_BATCH_CPU_FULL_WORK = 1 << 24
 
 
 def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int, p: int, dtype: torch.dtype,
@@ -280,7 +284,8 @@ def chain_batch_size(config: BIFConfig, device: torch.device, numel: int, n: int
         return min(config.chain_batch, config.num_chains)
     if device.type not in ("cpu", "cuda") or numel > _AUTO_BATCH_MAX_PARAMS:
         return 1
-    if device.type == "cpu" and numel * eval_rows > _AUTO_BATCH_CPU_WORK:
+    cpu_work = _AUTO_BATCH_CPU_FULL_WORK if config.batch_size == "full" else _AUTO_BATCH_CPU_WORK
+    if device.type == "cpu" and numel * eval_rows > cpu_work:
         return 1
     per_chain = n * p * torch.empty(0, dtype=dtype).element_size()
     return max(1, min(config.num_chains, _AUTO_BATCH_ACC_BYTES // max(per_chain, 1)))
