@@ -34,11 +34,12 @@ The rules, in order (each estimate and its cost is recorded):
    When no score exceeds two jackknife standard
    errors (the probe cannot see this model's re-fits, e.g. a few memorised queries scored token by
    token), the larger damping is taken: the least Monte-Carlo noise, at the robust end.
-6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows at the pilots'
-   measured speed (at least the calibration's time and 100 draws per chain). The probe's scores are
-   carried to that length: a correlation measured through Monte-Carlo noise of noise-to-signal ratio c
-   shrinks by ``1 / sqrt(1 + c)``, N times the draws divide c by N, and each pilot's two independent
-   halves measure its c (``engine.probe.extrapolated_score``).
+6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows (at least the
+   calibration's time and 100 draws per chain) at the speed of a short trial of the final run's shape
+   (eight chains at once run faster per chain-step than the pilots' pairs; the pilots' speed where the
+   trial fails). The probe's scores are carried to that length: a correlation measured through
+   Monte-Carlo noise of noise-to-signal ratio c shrinks by ``1 / sqrt(1 + c)``, N times the draws divide
+   c by N, and each pilot's two independent halves measure its c (``engine.probe.extrapolated_score``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ MASS_RANK = 32
 MASS_BYTES = 1 << 30  # Lanczos basis budget; above it the sampler runs with unit mass
 PILOT_CHAINS, PILOT_DRAWS, MIN_PILOT_DRAWS = 4, 60, 20
 FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
+TRIAL_SHARE, MIN_TRIAL_DRAWS, MAX_TRIAL_DRAWS = 0.03, 8, 200  # the final shape's speed trial: its share of the
+# sampling time (a trial of tens of milliseconds misjudged the speed by 30%) and its bounds in draws
 REFITS, REFIT_STEPS, MIN_REFIT_STEPS = 12, 100, 20
 PROBE_SHARE, PILOT_SHARE = 0.15, 0.3  # of the budget: the re-fits and the pilots scale down to fit them
 SAFETY = 0.8
@@ -237,6 +240,7 @@ class _Search:
         self.loo: dict[int, torch.Tensor] = {}  # id(row) -> the probe's leave-one-re-fit-out scores
         self.noise: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(row) -> per query unit, the pool's
         # probe correlation and Monte-Carlo noise-to-signal ratio
+        self.trial: dict[str, Any] | None = None  # the final shape's speed trial (None: pilots' speed used)
         self.informative = True  # whether the probe's best beat chance (else the largest damping is taken)
 
     def settings(self, nbeta: float, damping: float,
@@ -371,6 +375,26 @@ class _Search:
                                                                        max_noise_ratio=MAX_NOISE_RATIO)
         return row["predicted"]
 
+    def final_speed(self, sgld: SGLDConfig, mass: LowRankMass | None, seconds: float) -> tuple[float, float]:
+        """(seconds per chain-step, fixed seconds per run) of the final run's own shape: a trial of
+        ``FINAL_CHAINS`` chains for about ``seconds`` (the pilots' groups of two chains run slower per
+        chain-step than eight at once under vmap), or the pilots' figures where the trial fails."""
+        per_step, overhead = self.speed()
+        draws = int(min(MAX_TRIAL_DRAWS, max(MIN_TRIAL_DRAWS, seconds / max(per_step * FINAL_CHAINS, 1e-9))))
+        cfg = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
+                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed,
+                        max_excursion=self.max_excursion)  # fmt: skip
+        try:
+            out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
+                          per_token=self.per_token, sgld_source=self.train, backend=self.backend,
+                          mass=mass)  # fmt: skip
+        except BIFError:
+            return per_step, overhead
+        d = out.diagnostics
+        loop = sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])
+        self.trial = {"chain_batch": d["chain_batch"], "draws": draws, "seconds": d["seconds"], "loop_seconds": loop}
+        return loop / (FINAL_CHAINS * (draws - 1)), max(d["seconds"] - loop, 0.0)
+
     @staticmethod
     def draws_for(seconds: float, per_step: float) -> int:
         return int(min(MAX_DRAWS, max(MIN_DRAWS, seconds / max(per_step, 1e-9) / FINAL_CHAINS)))
@@ -379,7 +403,9 @@ class _Search:
         shrink = min(best["step_shrink"], self.shrink[best["nbeta"]])
         backoff = FINAL_BACKOFF if shrink < 1.0 else 1.0
         sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink * backoff)
-        per_step, overhead = self.speed()
+        t_trial = time.perf_counter()
+        per_step, overhead = self.final_speed(sgld, mass, TRIAL_SHARE * seconds_left)
+        seconds_left -= time.perf_counter() - t_trial
         draws = self.draws_for(seconds_left - overhead, per_step)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
         calibration = {
@@ -400,7 +426,7 @@ class _Search:
                       "pilot_draws": self.pilot_draws, "seconds": self.probe.seconds,
                       "gradient_evaluations": self.probe.gradient_evaluations},
             "length": {"chains": FINAL_CHAINS, "draws": draws, "seconds_per_chain_step": per_step,
-                       "seconds_per_run": overhead,
+                       "seconds_per_run": overhead, "speed_trial": self.trial,
                        "seconds_left": seconds_left, "rule": "as many draws as the time budget leaves"},
             "pilot_seconds": self.pilot_seconds,
             "seconds": time.perf_counter() - t0,

@@ -71,6 +71,12 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert sgld.friction == pytest.approx(2 * math.sqrt(sgld.nbeta * (WD + damping)), rel=1e-3)
     assert calibration.MIN_DRAWS <= cfg.num_draws <= 400 and cfg.num_chains == calibration.FINAL_CHAINS
     assert {"candidates", "probe", "length", "nbeta", "seconds"} <= set(cal)
+    # The length comes from a speed trial of the final run's own shape (all its chains at once here).
+    trial = cal["length"]["speed_trial"]
+    assert trial["chain_batch"] == calibration.FINAL_CHAINS
+    assert calibration.MIN_TRIAL_DRAWS <= trial["draws"] <= calibration.MAX_TRIAL_DRAWS
+    per_step = trial["loop_seconds"] / (calibration.FINAL_CHAINS * (trial["draws"] - 1))
+    assert cal["length"]["seconds_per_chain_step"] == pytest.approx(per_step)
     tried = sorted({c["damping"] for c in cal["candidates"]})
     assert all("probe_lds" in c for c in cal["candidates"]) and len(tried) == len(calibration.DAMPINGS)
     assert tried[-1] / tried[0] == pytest.approx(calibration.DAMPINGS[-1] / calibration.DAMPINGS[0])  # both ends
