@@ -3,14 +3,19 @@
 The sampler ``compute_bif`` runs by default (``bif_fast.calibrate``): BAOAB (kinetic Langevin) with the
 rank-32 low-rank curvature mass, full-batch gradients, one step between draws, the draw's training losses
 taken from the step's forward (``diagnostics["forward_reuse"]``) and the query losses evaluated at every
-draw. The problem is the digits-sized MLP of the LDS harness (64-128-10 tanh, 9,610 parameters, 1,000
-training and 200 query points, per-sample cross-entropy), on synthetic data of that shape (throughput
-does not depend on the values), 8 chains.
+draw. The problem is the digits setting of the LDS harness itself (64-128-10 tanh, 9,610 parameters, 1,000
+training and 200 query points, per-sample cross-entropy), its reference model at the minimum of its
+objective (from ``benchmarks/lds/cache``), and the settings ``bif_fast.calibrate`` chooses for it (step,
+friction, nbeta, localization, weight decay, the rank-32 mass), given to both sides, 8 chains. Real values
+matter on a CPU: chains that leave w* saturate the tanh units, whose gradients then fill with subnormal
+floats that slow the matrix products several-fold, so both sides check that their chains stayed in w*'s
+basin.
 
 Providers, interleaved in one process, medians over ``--repeats`` (each repeat runs every provider once):
 
-- ``bif_fast`` / ``bif_fast_batched``: ``compute_bif`` with that config, ``chain_batch=1`` (what ``auto``
-  picks for this model on a CPU) and ``chain_batch=8`` (the chains stacked, one vmapped forward/backward).
+- ``bif_fast`` / ``bif_fast_batched``: ``compute_bif`` with that config, ``chain_batch=1`` (one by one)
+  and ``chain_batch=8`` (the chains stacked, one vmapped forward/backward: what ``auto`` picks for this
+  model with full-batch gradients).
   Chain-steps per second count the sampling loop only (``diagnostics["chain_seconds"]``: the draws, the
   steps, the accumulators), not the set-up at w* (the Lanczos eigenpairs of the mass, the evaluation at
   w*), which a real run pays once.
@@ -43,20 +48,20 @@ import torch  # noqa: E402
 from benchmarks.utils import quantiles, write_rows  # noqa: E402
 
 D_IN, HIDDEN, CLASSES, N_TRAIN, N_QUERY, CHAINS, RANK = 64, 128, 10, 1000, 200, 8, 32
-NBETA, DAMPING = 1e6, 3e-3
 
 
-def problem(device: torch.device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(D_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    x, xq = torch.randn(N_TRAIN, D_IN, generator=g), torch.randn(N_QUERY, D_IN, generator=g)
-    y, yq = torch.randint(0, CLASSES, (N_TRAIN,), generator=g), torch.randint(0, CLASSES, (N_QUERY,), generator=g)
-    train = torch.utils.data.TensorDataset(x.to(device), y.to(device))
-    query = torch.utils.data.TensorDataset(xq.to(device), yq.to(device))
-    return model.to(device), train, query
+def problem(device: torch.device):
+    """The LDS harness's digits reference model (float32) and its data."""
+    from benchmarks.lds.ground_truth import ground_truth
+    from benchmarks.lds.settings import SETTINGS
+
+    setting = SETTINGS["digits"]()
+    model = setting.make_model()
+    model.load_state_dict(ground_truth(setting, log=lambda *a: None)["w_star"])
+    model = model.float().eval().to(device)
+    train = torch.utils.data.TensorDataset(setting.x_train.float().to(device), setting.y_train.to(device))
+    query = torch.utils.data.TensorDataset(setting.x_query.float().to(device), setting.y_query.to(device))
+    return model, train, query
 
 
 def loss_fn(model, batch):
@@ -64,22 +69,28 @@ def loss_fn(model, batch):
     return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-def sampler_config(draws: int, chain_batch: int):
-    from bif_fast import BIFConfig, SGLDConfig
+def calibrated(model, train, query):
+    """The calibrated sampler settings and mass (a short budget: the length is set here, not by it)."""
+    from bif_fast.calibration import calibrate_with_mass
 
-    # The calibrated defaults' shape at a fixed point: step and friction as calibrate sets them for a
-    # curvature a_ref ~ 1e4 after the mass (the values do not change the cost).
-    sgld = SGLDConfig(lr=0.8 * 2 / 100.0, nbeta=NBETA, localization=DAMPING * NBETA, sampler="baoab",
-                      friction=2 * (DAMPING * NBETA) ** 0.5, mass="curvature", mass_rank=RANK)  # fmt: skip
+    cal = calibrate_with_mass(model, train, query, loss_fn=loss_fn, budget_seconds=10.0)
+    assert cal.config.sgld.mass == "curvature" and cal.mass is not None and cal.mass.rank == RANK
+    return cal.config.sgld, cal.mass
+
+
+def sampler_config(sgld, draws: int, chain_batch: int):
+    from bif_fast import BIFConfig
+
     return BIFConfig(sgld=sgld, num_chains=CHAINS, num_draws=draws, batch_size="full", eval_batch_size=1024,
                      compute_stderr=True, chain_batch=chain_batch, seed=0)  # fmt: skip
 
 
-def run_bif_fast(model, train, query, draws: int, chain_batch: int) -> float:
+def run_bif_fast(model, train, query, sgld, draws: int, chain_batch: int) -> float:
     from bif_fast import compute_bif
 
-    res = compute_bif(model, train, query, loss_fn=loss_fn, config=sampler_config(draws, chain_batch))
+    res = compute_bif(model, train, query, loss_fn=loss_fn, config=sampler_config(sgld, draws, chain_batch))
     assert res.diagnostics["forward_reuse"], "the benchmark measures the forward-reuse path"
+    assert not any(res.diagnostics["diverged"]) and not any(res.diagnostics["escaped"]), "a chain left w*'s basin"
     groups = {}
     for chain, s in enumerate(res.diagnostics["chain_seconds"]):
         groups.setdefault(chain // res.diagnostics["chain_batch"], s)  # a group's chains share its time
@@ -89,23 +100,20 @@ def run_bif_fast(model, train, query, draws: int, chain_batch: int) -> float:
 class Reference:
     """BAOAB with a low-rank mass, full batch, for ``Linear-Tanh-Linear`` with cross-entropy, C chains."""
 
-    def __init__(self, model, train, query, draws: int, device: torch.device, seed: int = 0, together: int = CHAINS):
+    def __init__(self, model, train, query, sgld, mass, draws: int, device: torch.device, together: int = CHAINS):
         self.x, self.y = train.tensors
         self.xq, self.yq = query.tensors
         self.draws = draws
         w1, b1, w2, b2 = (p.detach() for p in model.parameters())
         self.shapes = [w1.shape, b1.shape, w2.shape, b2.shape]
         self.anchor = torch.cat([t.reshape(-1) for t in (w1, b1, w2, b2)]).float()
-        n = self.anchor.numel()
-        g = torch.Generator().manual_seed(seed)
-        basis, _ = torch.linalg.qr(torch.randn(n, RANK, generator=g, dtype=torch.float64))
-        self.basis = basis.float().to(device)
-        self.scale = torch.linspace(0.05, 1.0, RANK).to(device)
-        cfg = sampler_config(draws, 1).sgld
-        self.lr, self.gamma = cfg.lr, cfg.friction
+        self.basis, self.scale = mass.basis.to(device), mass.scale.to(device)
+        self.sgld = sgld
+        self.lr, self.gamma = sgld.lr, sgld.friction
         self.c = torch.exp(torch.tensor(-self.gamma * self.lr)).item()
         self.onehot = torch.nn.functional.one_hot(self.y, CLASSES).float()
         self.device = device
+        self.at_w_star = float(self.forward_backward(self.anchor[None])[0].mean())
         self.together = together  # chains stepped at once (the rest run in later groups)
 
     def unpack(self, w: torch.Tensor):
@@ -150,7 +158,7 @@ class Reference:
         return CHAINS * (self.draws - 1) / (time.perf_counter() - t0)
 
     def _group(self, chains: int) -> None:
-        loc, wd = DAMPING * NBETA, 0.0
+        nbeta, loc, wd = self.sgld.nbeta, self.sgld.localization, self.sgld.weight_decay
         w = self.anchor.expand(chains, -1).clone()
         u = self.precondition(torch.randn_like(w), self.scale - 1)
         sum_a = torch.zeros(N_TRAIN, dtype=torch.float64, device=self.device)
@@ -168,7 +176,7 @@ class Reference:
                 break
             # BAOAB with the closing half-kick of one step merged into the opening one of the next (one
             # gradient per step, as the fused kernel does): B (kick lr, lr/2 on the first step), A, O, A.
-            force = grad * NBETA + (w - self.anchor) * loc + w * wd
+            force = grad * nbeta + (w - self.anchor) * loc + w * wd
             kick = 0.5 * self.lr if d == 0 else self.lr
             u -= kick * self.precondition(force, self.scale.square() - 1)
             w += 0.5 * self.lr * u
@@ -177,6 +185,8 @@ class Reference:
         total = chains * self.draws
         cov = cross / total - torch.outer(sum_a / total, sum_b / total)
         assert bool(torch.isfinite(cov).all())
+        rise = float(losses.mean() - self.at_w_star)  # the chains' last mean training loss over w*'s
+        assert rise < 1.0, f"the reference's chains left w*'s basin (mean training loss up {rise:.3g})"
 
     def check_gradient(self, model, train) -> float:
         """Max relative difference between the analytic gradient at w* and autograd's."""
@@ -198,14 +208,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, train, query = problem(device)
-    ref = Reference(model, train, query, args.draws, device)
+    sgld, mass = calibrated(model, train, query)
+    print(f"calibrated: nbeta {sgld.nbeta:.3g}, localization {sgld.localization:.3g}, lr {sgld.lr:.3g}, "
+          f"friction {sgld.friction:.3g}, mass rank {mass.rank}")
+    ref = Reference(model, train, query, sgld, mass, args.draws, device)
     err = ref.check_gradient(model, train)
     assert err < 1e-4, f"the reference's analytic gradient is off by {err:.2e}"
     providers = {
-        "bif_fast": lambda: run_bif_fast(model, train, query, args.draws, 1),
-        "bif_fast_batched": lambda: run_bif_fast(model, train, query, args.draws, CHAINS),
+        "bif_fast": lambda: run_bif_fast(model, train, query, sgld, args.draws, 1),
+        "bif_fast_batched": lambda: run_bif_fast(model, train, query, sgld, args.draws, CHAINS),
         "reference": ref.run,
-        "reference_one_chain": Reference(model, train, query, args.draws, device, together=1).run,
+        "reference_one_chain": Reference(model, train, query, sgld, mass, args.draws, device, together=1).run,
     }
     for fn in providers.values():  # warm-up: allocator, kernels, the mass's Lanczos
         fn()
