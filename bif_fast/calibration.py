@@ -295,14 +295,8 @@ class _Search:
 
     def _half(self, sgld: SGLDConfig, mass: LowRankMass | None, half: int) -> torch.Tensor | None:
         """One half of a pilot: its BIF, or None when a chain diverged."""
-        cfg = BIFConfig(sgld=sgld, num_chains=PILOT_CHAINS // 2, num_draws=self.pilot_draws, batch_size="full",
-                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed + 1 + half,
-                        max_excursion=self.max_excursion)  # fmt: skip
-        try:
-            out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
-                          per_token=self.per_token, sgld_source=self.train, backend=self.backend,
-                          mass=mass)  # fmt: skip
-        except BIFError:
+        cfg, out = self._short_run(sgld, mass, PILOT_CHAINS // 2, self.pilot_draws, self.seed + 1 + half)
+        if out is None:
             return None
         d = out.diagnostics
         self.loop_seconds += sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])  # a group's chains share its time
@@ -310,6 +304,17 @@ class _Search:
         self.run_seconds += d["seconds"]
         self.runs += 1
         return None if any(d["diverged"]) else out.bif
+
+    def _short_run(self, sgld: SGLDConfig, mass: LowRankMass | None, chains: int, draws: int, seed: int):
+        """A full-batch run of these settings: (its config, its result or None when it raised BIFError)."""
+        cfg = BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, batch_size="full", eval_batch_size=EVAL_BATCH,
+                        compute_stderr=False, seed=seed, max_excursion=self.max_excursion)  # fmt: skip
+        try:
+            return cfg, run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
+                                per_token=self.per_token, sgld_source=self.train, backend=self.backend,
+                                mass=mass)  # fmt: skip
+        except BIFError:
+            return cfg, None
 
     def speed(self) -> tuple[float, float]:
         """(seconds per chain-step of the sampling loop, fixed seconds per run), from the pilots so far."""
@@ -381,14 +386,8 @@ class _Search:
         chain-step than eight at once under vmap), or the pilots' figures where the trial fails."""
         per_step, overhead = self.speed()
         draws = int(min(MAX_TRIAL_DRAWS, max(MIN_TRIAL_DRAWS, seconds / max(per_step * FINAL_CHAINS, 1e-9))))
-        cfg = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
-                        eval_batch_size=EVAL_BATCH, compute_stderr=False, seed=self.seed,
-                        max_excursion=self.max_excursion)  # fmt: skip
-        try:
-            out = run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
-                          per_token=self.per_token, sgld_source=self.train, backend=self.backend,
-                          mass=mass)  # fmt: skip
-        except BIFError:
+        _, out = self._short_run(sgld, mass, FINAL_CHAINS, draws, self.seed)
+        if out is None:
             return per_step, overhead
         d = out.diagnostics
         loop = sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])
