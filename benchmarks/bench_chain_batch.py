@@ -13,6 +13,12 @@ models up to 4M sampled parameters.
 
     python benchmarks/bench_chain_batch.py                 # 3 sizes x 2 losses, 5 repeats, 1 thread
     python benchmarks/bench_chain_batch.py --device cuda
+    python benchmarks/bench_chain_batch.py --calibrated digits,relu,regression,lm,gelu --threads 2
+
+``--calibrated`` instead runs the LDS harness's reference models (``benchmarks/lds``, their cached minima)
+at the settings ``bif_fast.calibrate`` picks for each (full-batch gradients, BAOAB, curvature mass), 8
+chains, and compares the chain-steps per second of the sampling loop one by one and all at once: the
+figures behind the CPU bound for full-batch runs (``_AUTO_BATCH_CPU_FULL_WORK``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,47 @@ def _losses():
     return {"cross_entropy": ce, "squared_error": mse}
 
 
+def calibrated_settings(names: list[str], repeats: int, draws: int) -> list[dict]:
+    """Chain-steps per second, one by one vs batched, at each LDS setting's calibrated settings."""
+    from benchmarks.lds.ground_truth import ground_truth
+    from benchmarks.lds.methods import _float32_copy
+    from benchmarks.lds.run import _reference_model
+    from benchmarks.lds.settings import SETTINGS
+    from bif_fast import calibrate, compute_bif
+
+    rows = []
+    for name in names:
+        setting = SETTINGS[name]()
+        model = _float32_copy(_reference_model(setting, ground_truth(setting, log=lambda *a: None)))
+        f32 = lambda t: t.float() if t.dtype.is_floating_point else t  # noqa: E731
+        train = torch.utils.data.TensorDataset(f32(setting.x_train), f32(setting.y_train))
+        query = torch.utils.data.TensorDataset(f32(setting.x_query), f32(setting.y_query))
+        cfg = calibrate(model, train, query, loss_fn=setting.loss_fn, budget_seconds=10.0)
+        rates: dict[int, list[float]] = {1: [], cfg.num_chains: []}
+        for rep in range(repeats + 1):  # the first round warms up and is not counted
+            for size in rates:
+                run = compute_bif(model, train, query, loss_fn=setting.loss_fn,
+                                  config=dataclasses.replace(cfg, num_draws=draws, chain_batch=size))  # fmt: skip
+                d = run.diagnostics
+                if d["chain_batch"] != size:
+                    raise SystemExit(f"{name}: asked for chain_batch {size}, ran {d['chain_batch']}")
+                if rep > 0:
+                    rates[size].append(cfg.num_chains * (draws - 1) / sum(d["chain_seconds"][::size]))
+        numel = sum(p.numel() for p in model.parameters())
+        one, many = statistics.median(rates[1]), statistics.median(rates[cfg.num_chains])
+        print(f"{name:<10} {numel:7d} params {len(train) + len(query):5d} rows  one by one {one:7.0f}  "
+              f"batched {many:7.0f} chain-steps/s  {many / one:.2f}x")  # fmt: skip
+        shape = f"lds {name},params={numel},rows={len(train) + len(query)},chains={cfg.num_chains},draws={draws}"
+        for size, key in ((1, "one_by_one"), (cfg.num_chains, "batched")):
+            p50, p20, p80 = quantiles(rates[size])
+            rows.append({"provider": key, "mode": "calibrated,full-batch", "shape": shape, "dtype": "float32",
+                         "metric": "chain_steps_per_s", "unit": "1/s", "p50": p50, "p20": p20, "p80": p80,
+                         "n_runs": repeats})  # fmt: skip
+        rows.append({"provider": "batched", "mode": "calibrated,full-batch", "shape": shape, "dtype": "float32",
+                     "metric": "speedup_vs_one_by_one", "unit": "x", "p50": many / one, "n_runs": repeats})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -53,8 +100,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--calibrated", default="", help="comma-separated LDS settings (see the module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.calibrated:
+        rows = calibrated_settings(args.calibrated.split(","), args.repeats, args.draws)
+        if not args.no_record:
+            print("rows ->", write_rows("chain_batch", rows))
+        return
     from bif_fast import BIFConfig, SGLDConfig, compute_bif
 
     device = torch.device(args.device)

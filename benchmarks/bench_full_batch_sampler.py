@@ -226,7 +226,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, fn in providers.items():
             rates[name].append(fn())
-    shape = f"mlp{D_IN}-{HIDDEN}-{CLASSES},n{N_TRAIN},q{N_QUERY},c{CHAINS},rank{RANK}"
+    shape = f"lds digits at w*,mlp{D_IN}-{HIDDEN}-{CLASSES},n{N_TRAIN},q{N_QUERY},c{CHAINS},rank{RANK},calibrated"
     rows = []
     print(f"{'provider':18s} chain-steps/s (p50 [p20, p80])   / reference (median of per-repeat ratios)")
     for name, values in rates.items():

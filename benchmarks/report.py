@@ -115,6 +115,10 @@ CHAINS_SMALL = (
 )
 CHAINS_LARGE = ("mlp 24-128-4,params=3716,train=1000,query=200,chains=4,draws=100",)
 CHAIN_LOSSES = ("cross_entropy", "squared_error")
+# bench_chain_batch --calibrated: the LDS settings (name, parameters, evaluation rows) at 100 draws.
+CHAINS_CALIBRATED = tuple(f"lds {name},params={params},rows={rows},chains=8,draws=100" for name, params, rows in (
+    ("digits", 9610, 1200), ("relu", 3610, 800), ("regression", 385, 442), ("lm", 3101, 320), ("gelu", 3466, 1000)))
+SAMPLER = "lds digits at w*,mlp64-128-10,n1000,q200,c8,rank32,calibrated"
 
 
 def _lm(provider: str, train: int, metric: str = "time") -> Key:
@@ -250,12 +254,37 @@ ROWS: list[Row] = [
         what="batched chains (`chain_batch=8`) vs one by one, MLP of 212 / 1,860 params, {threads}",
         bif_fast="–",
         baseline="the same chains one by one",
-        ratio="{o/b:x} (3,716 params: {o4/b4:x}, so `auto` keeps such CPU runs sequential)",
+        ratio="{o/b:x} (3,716 params: {o4/b4:x}, so `auto` keeps such minibatch CPU runs sequential)",
         measures={
             "b": _chains("batched", CHAINS_SMALL),
             "o": _chains("one_by_one", CHAINS_SMALL),
             "b4": _chains("batched", CHAINS_LARGE),
             "o4": _chains("one_by_one", CHAINS_LARGE),
+        },
+    ),
+    Row(
+        op="chain_batch",
+        dtype="float32",
+        what="batched chains vs one by one at the calibrated settings (full batch) of the 5 LDS settings, {threads}",
+        bif_fast="–",
+        baseline="the same chains one by one",
+        ratio="{b/o:x} (so `auto` batches full-batch CPU runs up to 16M parameters x rows)",
+        measures={
+            "b": tuple(Key("batched", "calibrated,full-batch", s, "chain_steps_per_s") for s in CHAINS_CALIBRATED),
+            "o": tuple(Key("one_by_one", "calibrated,full-batch", s, "chain_steps_per_s") for s in CHAINS_CALIBRATED),
+        },
+    ),
+    Row(
+        op="full_batch_sampler",
+        dtype="float32",
+        what="the calibrated sampler (BAOAB, rank-32 mass, full batch), digits MLP at its minimum, 8 chains, {threads}",
+        bif_fast="{b:rate} (8 at once; one by one {o:rate})",
+        baseline="hand-written batched sampler (bmm, analytic backward): {r:rate}",
+        ratio="{b/r:x} (one by one {o/r:x})",
+        measures={
+            "b": Key("bif_fast_batched", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
+            "o": Key("bif_fast", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
+            "r": Key("reference", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
         },
     ),
 ]
@@ -292,8 +321,12 @@ def _sci(v: float) -> tuple[str, str]:
 
 #: Cell formats: each turns a value into (number, unit). ``time`` takes seconds, ``mem`` MB, ``x`` a
 #: ratio (shown as N×), ``pct`` a ratio shown as the percentage above 1 (t / t_floor -> +9.8%).
+def _rate(per_second: float) -> tuple[str, str]:
+    return _significant(per_second), " chain-steps/s"
+
+
 FORMATS: dict[str, Callable[[float], tuple[str, str]]] = {
-    "time": _time, "mem": _mem, "x": _times, "pct": _overhead, "sci": _sci,
+    "time": _time, "mem": _mem, "x": _times, "pct": _overhead, "sci": _sci, "rate": _rate,
 }  # fmt: skip
 
 
