@@ -55,7 +55,7 @@ def _losses():
 def calibrated_settings(names: list[str], repeats: int, draws: int) -> list[dict]:
     """Chain-steps per second, one by one vs batched, at each LDS setting's calibrated settings."""
     from benchmarks.lds.ground_truth import ground_truth
-    from benchmarks.lds.methods import _float32_copy
+    from benchmarks.lds.methods import float32_problem
     from benchmarks.lds.run import _reference_model
     from benchmarks.lds.settings import SETTINGS
     from bif_fast import calibrate, compute_bif
@@ -63,10 +63,8 @@ def calibrated_settings(names: list[str], repeats: int, draws: int) -> list[dict
     rows = []
     for name in names:
         setting = SETTINGS[name]()
-        model = _float32_copy(_reference_model(setting, ground_truth(setting, log=lambda *a: None)))
-        f32 = lambda t: t.float() if t.dtype.is_floating_point else t  # noqa: E731
-        train = torch.utils.data.TensorDataset(f32(setting.x_train), f32(setting.y_train))
-        query = torch.utils.data.TensorDataset(f32(setting.x_query), f32(setting.y_query))
+        model = _reference_model(setting, ground_truth(setting, log=lambda *a: None))
+        model, train, query = float32_problem(setting, model)
         cfg = calibrate(model, train, query, loss_fn=setting.loss_fn, budget_seconds=10.0)
         rates: dict[int, list[float]] = {1: [], cfg.num_chains: []}
         for rep in range(repeats + 1):  # the first round warms up and is not counted

@@ -53,15 +53,15 @@ D_IN, HIDDEN, CLASSES, N_TRAIN, N_QUERY, CHAINS, RANK = 64, 128, 10, 1000, 200, 
 def problem(device: torch.device):
     """The LDS harness's digits reference model (float32) and its data."""
     from benchmarks.lds.ground_truth import ground_truth
+    from benchmarks.lds.methods import float32_problem
+    from benchmarks.lds.run import _reference_model
     from benchmarks.lds.settings import SETTINGS
 
     setting = SETTINGS["digits"]()
-    model = setting.make_model()
-    model.load_state_dict(ground_truth(setting, log=lambda *a: None)["w_star"])
-    model = model.float().eval().to(device)
-    train = torch.utils.data.TensorDataset(setting.x_train.float().to(device), setting.y_train.to(device))
-    query = torch.utils.data.TensorDataset(setting.x_query.float().to(device), setting.y_query.to(device))
-    return model, train, query
+    reference = _reference_model(setting, ground_truth(setting, log=lambda *a: None))
+    model, train, query = float32_problem(setting, reference)
+    to = lambda ds: torch.utils.data.TensorDataset(*(t.to(device) for t in ds.tensors))  # noqa: E731
+    return model.to(device), to(train), to(query)
 
 
 def loss_fn(model, batch):

@@ -31,9 +31,9 @@ The rules, in order (each estimate and its cost is recorded):
    (70-95% of their predictions' spread), which costs the small damping most, and on the tanh digits MLP it
    scored 1e-2 x lam_max above 1e-3 x lam_max even with the noise taken out, where full-length runs score
    0.73 and 0.80 (short warm-started re-fits likely under-fit the flat directions a small damping keeps).
-   When no score exceeds two jackknife standard
-   errors (the probe cannot see this model's re-fits, e.g. a few memorised queries scored token by
-   token), the larger damping is taken: the least Monte-Carlo noise, at the robust end.
+   When no score exceeds two jackknife standard errors (the probe cannot see this model's re-fits, e.g. a
+   few memorised queries scored token by token), the larger damping is taken: the least Monte-Carlo
+   noise, at the robust end.
 6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows (at least the
    calibration's time and 100 draws per chain) at the speed of a short trial of the final run's shape
    (eight chains at once run faster per chain-step than the pilots' pairs; the pilots' speed where the
@@ -280,7 +280,6 @@ class _Search:
             row = {"nbeta": nbeta, "damping": damping, **why, "seconds": seconds, "diverged": diverged}
             if not diverged:
                 self.shrink[nbeta] = shrink
-                row["probe_half"] = sum(probe_score(h, self.probe) for h in halves) / 2
                 pooled = (halves[0] + halves[1]) / 2
                 row["probe_lds"] = probe_score(pooled, self.probe)
                 self.noise[id(row)] = probe_noise_fractions(*halves, self.probe)

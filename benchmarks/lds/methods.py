@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 from benchmarks.lds.settings import Setting
 
-__all__ = ["Attribution", "bif", "exact_if", "graddot", "gradsim", "per_example_grads"]
+__all__ = ["Attribution", "bif", "exact_if", "float32_problem", "graddot", "gradsim", "per_example_grads"]
 
 
 @dataclass
@@ -108,10 +108,7 @@ def bif(setting: Setting, model: torch.nn.Module, config=None, label: str = "BIF
     library's defaults, as a new user calls it)."""
     import bif_fast
 
-    m32 = _float32_copy(model)
-    f32 = lambda t: t.float() if t.dtype.is_floating_point else t  # noqa: E731  (token ids stay integers)
-    train = torch.utils.data.TensorDataset(f32(setting.x_train), f32(setting.y_train))
-    query = torch.utils.data.TensorDataset(f32(setting.x_query), f32(setting.y_query))
+    m32, train, query = float32_problem(setting, model)
     t0 = time.perf_counter()
     res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=config)
     seconds = time.perf_counter() - t0
@@ -130,6 +127,15 @@ def _float32_copy(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).float()
+
+
+def float32_problem(setting: Setting, model: torch.nn.Module):
+    """(a float32 copy of ``model``, the training and query sets as float32 ``TensorDataset``s): what
+    ``compute_bif`` is run on (token ids stay integers)."""
+    f32 = lambda t: t.float() if t.dtype.is_floating_point else t  # noqa: E731
+    train = torch.utils.data.TensorDataset(f32(setting.x_train), f32(setting.y_train))
+    query = torch.utils.data.TensorDataset(f32(setting.x_query), f32(setting.y_query))
+    return _float32_copy(model), train, query
 
 
 def top_curvature(setting: Setting, model: torch.nn.Module, iters: int = 40) -> float:
