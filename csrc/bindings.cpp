@@ -4,6 +4,7 @@
 
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "running_cov.h"
 
@@ -13,6 +14,13 @@ void sgld_update_cpu_(torch::Tensor w, torch::Tensor grad, torch::Tensor anchor,
                       c10::optional<torch::Tensor> diverged, int64_t sampler, bool has_bbox, int64_t offset,
                       uint64_t seed, int64_t chain, int64_t step, const std::unordered_map<std::string, double>& coefs);
 void philox_normal_cpu_(torch::Tensor out, uint64_t seed, int64_t chain, int64_t step, int64_t offset);
+void sgld_update_rows_cpu_(torch::Tensor w, torch::Tensor grad, torch::Tensor anchor,
+                           c10::optional<torch::Tensor> state, c10::optional<torch::Tensor> noise,
+                           c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> diverged, int64_t sampler,
+                           bool has_bbox, int64_t offset, uint64_t seed, std::vector<int64_t> chains, int64_t step,
+                           const std::unordered_map<std::string, double>& coefs);
+void philox_normal_rows_cpu_(torch::Tensor out, uint64_t seed, std::vector<int64_t> chains, int64_t step,
+                             int64_t offset);
 }  // namespace bif_fast
 
 #define CHECK_FLOAT_STATE(x)                                                                                  \
@@ -101,5 +109,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("coefs"));
   m.def("philox_normal_cpu_", &bif_fast::philox_normal_cpu_, "Fill out with the sampler's Philox noise",
         py::arg("out"), py::arg("seed"), py::arg("chain"), py::arg("step"), py::arg("offset"));
+  m.def("sgld_update_rows_cpu_", &bif_fast::sgld_update_rows_cpu_,
+        "sgld_update_cpu_ for [C, N] buffers, row r keyed by chain chains[r] (one call for a batch of chains)",
+        py::arg("w"), py::arg("grad"), py::arg("anchor"), py::arg("state"), py::arg("noise"), py::arg("out"),
+        py::arg("diverged"), py::arg("sampler"), py::arg("has_bbox"), py::arg("offset"), py::arg("seed"),
+        py::arg("chains"), py::arg("step"), py::arg("coefs"));
+  m.def("philox_normal_rows_cpu_", &bif_fast::philox_normal_rows_cpu_,
+        "philox_normal_cpu_ for [C, N] rows, row r keyed by chain chains[r]", py::arg("out"), py::arg("seed"),
+        py::arg("chains"), py::arg("step"), py::arg("offset"));
   m.def("built_with_cuda", &bif_fast::built_with_cuda, "Whether the fused CUDA kernels were compiled in");
 }

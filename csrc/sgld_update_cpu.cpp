@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -208,31 +209,53 @@ int update_range(float* __restrict w, const T* __restrict grad, const T* __restr
   return bad;
 }
 
-template <typename T, int kSampler, bool kBox, bool kOut>
-void run(float* w, const T* grad, const T* anchor, float* state, const float* noise, T* out, int64_t numel,
-         int64_t offset, uint64_t seed, uint32_t chain, uint32_t step, const Coefs& k, std::atomic<int>& bad_flag) {
-  const int64_t g_first = offset / 4;
-  const int64_t g_last = (offset + numel - 1) / 4;
-  at::parallel_for(g_first, g_last + 1, kChunkGroups, [&](int64_t gb, int64_t ge) {
+// Buffers of one call: `rows` chains stacked as rows of contiguous [rows, numel] buffers (a flat call is
+// one row), row r keyed by chain chains[r]; anchor is shared by every row.
+struct Rows {
+  int64_t rows, numel, offset;
+  const int64_t* chains;
+};
+
+// Work items are (row, chunk of kChunkGroups Philox groups) pairs, spread over the threads, so a batch of
+// small chains and one large chain both use every thread; a row's result does not depend on the split.
+template <typename Fn>
+void for_row_chunks(const Rows& job, Fn&& fn) {
+  const int64_t g_first = job.offset / 4;
+  const int64_t g_last = (job.offset + job.numel - 1) / 4;
+  const int64_t chunks = (g_last - g_first) / kChunkGroups + 1;
+  at::parallel_for(0, job.rows * chunks, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
-    int bad = 0;
-    for (int64_t cb = gb; cb < ge; cb += kChunkGroups) {
-      const int64_t ce = std::min(ge, cb + kChunkGroups);
-      const int64_t i0 = std::max<int64_t>(0, 4 * cb - offset), i1 = std::min<int64_t>(numel, 4 * ce - offset);
-      // x[i] is the noise of element i: the caller's, or this chunk's Philox noise shifted to element indices.
-      const float* x = noise;
-      if (x == nullptr) x = noise_groups(seed, chain, step, cb, ce - cb, scratch) - (4 * cb - offset);
-      bad += update_range<T, kSampler, kBox, kOut>(w, grad, anchor, state, x, out, i0, i1, k);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / chunks;
+      const int64_t cb = g_first + (item % chunks) * kChunkGroups;
+      const int64_t ce = std::min(g_last + 1, cb + kChunkGroups);
+      const int64_t i0 = std::max<int64_t>(0, 4 * cb - job.offset);
+      const int64_t i1 = std::min<int64_t>(job.numel, 4 * ce - job.offset);
+      fn(r, static_cast<uint32_t>(job.chains[r]), cb, ce, i0, i1, scratch);
     }
-    if (bad != 0) bad_flag.store(1, std::memory_order_relaxed);
+  });
+}
+
+template <typename T, int kSampler, bool kBox, bool kOut>
+void run(float* w, const T* grad, const T* anchor, float* state, const float* noise, T* out, const Rows& job,
+         uint64_t seed, uint32_t step, const Coefs& k, std::atomic<int>* bad_rows) {
+  const int64_t n = job.numel;
+  for_row_chunks(job, [&](int64_t r, uint32_t chain, int64_t cb, int64_t ce, int64_t i0, int64_t i1, Scratch& s) {
+    // x[i] is the noise of element i of row r: the caller's, or this chunk's Philox noise shifted to
+    // element indices.
+    const float* x = noise == nullptr ? nullptr : noise + r * n;
+    if (x == nullptr) x = noise_groups(seed, chain, step, cb, ce - cb, s) - (4 * cb - job.offset);
+    const int bad = update_range<T, kSampler, kBox, kOut>(w + r * n, grad + r * n, anchor, state ? state + r * n : nullptr,
+                                                          x, out ? out + r * n : nullptr, i0, i1, k);
+    if (bad != 0) bad_rows[r].store(1, std::memory_order_relaxed);
   });
 }
 
 template <typename T>
 void dispatch(int sampler, bool box, bool has_out, float* w, const T* grad, const T* anchor, float* state,
-              const float* noise, T* out, int64_t numel, int64_t offset, uint64_t seed, uint32_t chain, uint32_t step,
-              const Coefs& k, std::atomic<int>& bad) {
-#define BIF_FAST_RUN(S, B, O) run<T, S, B, O>(w, grad, anchor, state, noise, out, numel, offset, seed, chain, step, k, bad)
+              const float* noise, T* out, const Rows& job, uint64_t seed, uint32_t step, const Coefs& k,
+              std::atomic<int>* bad) {
+#define BIF_FAST_RUN(S, B, O) run<T, S, B, O>(w, grad, anchor, state, noise, out, job, seed, step, k, bad)
 #define BIF_FAST_RUN_SB(S, B) \
   if (has_out) BIF_FAST_RUN(S, B, true); \
   else BIF_FAST_RUN(S, B, false)
@@ -251,68 +274,113 @@ void dispatch(int sampler, bool box, bool has_out, float* w, const T* grad, cons
 #undef BIF_FAST_RUN
 }
 
+// Checks and launch shared by the flat and the row-batched entry points: w, grad, state, noise and out are
+// [rows, numel] (a flat call passes rows = 1), anchor [numel], diverged [rows] int32.
+void update_rows(const torch::Tensor& w, const torch::Tensor& grad, const torch::Tensor& anchor,
+                 const c10::optional<torch::Tensor>& state, const c10::optional<torch::Tensor>& noise,
+                 const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& diverged,
+                 int64_t sampler, bool has_bbox, int64_t offset, uint64_t seed, const std::vector<int64_t>& chains,
+                 int64_t step, const std::unordered_map<std::string, double>& coefs) {
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
+                    "w must be a contiguous float32 CPU tensor");
+  const int64_t rows = static_cast<int64_t>(chains.size());
+  TORCH_CHECK_VALUE(rows >= 1 && w.numel() % rows == 0, "w must hold one row per chain (", rows, " chains)");
+  const int64_t numel = w.numel() / rows;
+  auto check = [&](const torch::Tensor& t, const char* name, int64_t expected) {
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous() && t.numel() == expected, name,
+                      " must be a contiguous CPU tensor of ", expected, " elements");
+  };
+  check(grad, "grad", rows * numel);
+  check(anchor, "anchor", numel);
+  TORCH_CHECK_VALUE(grad.scalar_type() == anchor.scalar_type(), "grad and anchor must share a dtype");
+  TORCH_CHECK_VALUE(sampler >= 0 && sampler <= 2, "sampler code must be 0, 1 or 2");
+  float* state_ptr = nullptr;
+  if (sampler != 0) {
+    TORCH_CHECK_VALUE(state.has_value(), "this sampler needs a state tensor");
+    check(*state, "state", rows * numel);
+    TORCH_CHECK_VALUE(state->scalar_type() == at::kFloat, "state must be float32");
+    state_ptr = state->data_ptr<float>();
+  }
+  const float* noise_ptr = nullptr;
+  if (noise.has_value()) {
+    check(*noise, "noise", rows * numel);
+    TORCH_CHECK_VALUE(noise->scalar_type() == at::kFloat, "noise must be float32");
+    noise_ptr = noise->data_ptr<float>();
+  }
+  if (out.has_value()) {
+    check(*out, "out", rows * numel);
+    TORCH_CHECK_VALUE(out->scalar_type() == anchor.scalar_type(), "out must have the anchor's dtype");
+  }
+  if (diverged.has_value()) {
+    check(*diverged, "diverged", rows);
+    TORCH_CHECK_VALUE(diverged->scalar_type() == at::kInt, "diverged must be int32");
+  }
+  for (const int64_t c : chains) TORCH_CHECK_VALUE(c >= 0 && c <= 0xFFFFFFFFll, "chain ids must fit in 32 bits");
+  if (numel == 0) return;
+  const Coefs k = read_coefs(coefs);
+  std::unique_ptr<std::atomic<int>[]> bad(new std::atomic<int>[rows]);
+  for (int64_t r = 0; r < rows; ++r) bad[r].store(0);
+  const Rows job{rows, numel, offset, chains.data()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchor.scalar_type(), "sgld_update_cpu_", [&] {
+    dispatch<scalar_t>(static_cast<int>(sampler), has_bbox, out.has_value(), w.data_ptr<float>(),
+                       grad.data_ptr<scalar_t>(), anchor.data_ptr<scalar_t>(), state_ptr, noise_ptr,
+                       out.has_value() ? out->data_ptr<scalar_t>() : nullptr, job, seed,
+                       static_cast<uint32_t>(step), k, bad.get());
+  });
+  if (diverged.has_value()) {
+    int32_t* flags = diverged->data_ptr<int32_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      if (bad[r].load() != 0) flags[r] = 1;
+  }
+}
+
+void philox_rows(const torch::Tensor& out, uint64_t seed, const std::vector<int64_t>& chains, int64_t step,
+                 int64_t offset) {
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(),
+                    "out must be a contiguous float32 CPU tensor");
+  const int64_t rows = static_cast<int64_t>(chains.size());
+  TORCH_CHECK_VALUE(rows >= 1 && out.numel() % rows == 0, "out must hold one row per chain (", rows, " chains)");
+  for (const int64_t c : chains) TORCH_CHECK_VALUE(c >= 0 && c <= 0xFFFFFFFFll, "chain ids must fit in 32 bits");
+  const int64_t numel = out.numel() / rows;
+  if (numel == 0) return;
+  float* o = out.data_ptr<float>();
+  const Rows job{rows, numel, offset, chains.data()};
+  for_row_chunks(job, [&](int64_t r, uint32_t chain, int64_t cb, int64_t ce, int64_t i0, int64_t i1, Scratch& s) {
+    const float* z = noise_groups(seed, chain, static_cast<uint32_t>(step), cb, ce - cb, s);
+    std::copy(z + (i0 + offset - 4 * cb), z + (i1 + offset - 4 * cb), o + r * numel + i0);
+  });
+}
+
 }  // namespace
 
 void sgld_update_cpu_(torch::Tensor w, torch::Tensor grad, torch::Tensor anchor, c10::optional<torch::Tensor> state,
                       c10::optional<torch::Tensor> noise, c10::optional<torch::Tensor> out,
                       c10::optional<torch::Tensor> diverged, int64_t sampler, bool has_bbox, int64_t offset,
                       uint64_t seed, int64_t chain, int64_t step, const std::unordered_map<std::string, double>& coefs) {
-  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 1,
-                    "w must be a contiguous 1-D float32 CPU tensor");
-  const int64_t numel = w.numel();
-  auto check = [&](const torch::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous() && t.numel() == numel, name,
-                      " must be a contiguous CPU tensor of ", numel, " elements");
-  };
-  check(grad, "grad");
-  check(anchor, "anchor");
-  TORCH_CHECK_VALUE(grad.scalar_type() == anchor.scalar_type(), "grad and anchor must share a dtype");
-  TORCH_CHECK_VALUE(sampler >= 0 && sampler <= 2, "sampler code must be 0, 1 or 2");
-  float* state_ptr = nullptr;
-  if (sampler != 0) {
-    TORCH_CHECK_VALUE(state.has_value(), "this sampler needs a state tensor");
-    check(*state, "state");
-    TORCH_CHECK_VALUE(state->scalar_type() == at::kFloat, "state must be float32");
-    state_ptr = state->data_ptr<float>();
-  }
-  const float* noise_ptr = nullptr;
-  if (noise.has_value()) {
-    check(*noise, "noise");
-    TORCH_CHECK_VALUE(noise->scalar_type() == at::kFloat, "noise must be float32");
-    noise_ptr = noise->data_ptr<float>();
-  }
-  if (out.has_value()) {
-    check(*out, "out");
-    TORCH_CHECK_VALUE(out->scalar_type() == anchor.scalar_type(), "out must have the anchor's dtype");
-  }
-  if (numel == 0) return;
-  const Coefs k = read_coefs(coefs);
-  std::atomic<int> bad{0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchor.scalar_type(), "sgld_update_cpu_", [&] {
-    dispatch<scalar_t>(static_cast<int>(sampler), has_bbox, out.has_value(), w.data_ptr<float>(),
-                       grad.data_ptr<scalar_t>(), anchor.data_ptr<scalar_t>(), state_ptr, noise_ptr,
-                       out.has_value() ? out->data_ptr<scalar_t>() : nullptr, numel, offset, seed,
-                       static_cast<uint32_t>(chain), static_cast<uint32_t>(step), k, bad);
-  });
-  if (diverged.has_value() && bad.load() != 0) diverged->fill_(1);
+  TORCH_CHECK_VALUE(w.dim() == 1, "w must be a 1-D tensor");
+  TORCH_CHECK_VALUE(!diverged.has_value() || diverged->numel() == 1, "diverged must hold one flag");
+  update_rows(w, grad, anchor, state, noise, out, diverged, sampler, has_bbox, offset, seed, {chain}, step, coefs);
+}
+
+void sgld_update_rows_cpu_(torch::Tensor w, torch::Tensor grad, torch::Tensor anchor,
+                           c10::optional<torch::Tensor> state, c10::optional<torch::Tensor> noise,
+                           c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> diverged, int64_t sampler,
+                           bool has_bbox, int64_t offset, uint64_t seed, std::vector<int64_t> chains, int64_t step,
+                           const std::unordered_map<std::string, double>& coefs) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == static_cast<int64_t>(chains.size()),
+                    "w must be [chains, N] with one row per chain id");
+  update_rows(w, grad, anchor, state, noise, out, diverged, sampler, has_bbox, offset, seed, chains, step, coefs);
 }
 
 void philox_normal_cpu_(torch::Tensor out, uint64_t seed, int64_t chain, int64_t step, int64_t offset) {
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(),
-                    "out must be a contiguous float32 CPU tensor");
-  const int64_t numel = out.numel();
-  if (numel == 0) return;
-  float* o = out.data_ptr<float>();
-  at::parallel_for(offset / 4, (offset + numel - 1) / 4 + 1, kChunkGroups, [&](int64_t gb, int64_t ge) {
-    thread_local Scratch scratch;
-    for (int64_t cb = gb; cb < ge; cb += kChunkGroups) {
-      const int64_t ce = std::min(ge, cb + kChunkGroups);
-      const float* z = noise_groups(seed, static_cast<uint32_t>(chain), static_cast<uint32_t>(step), cb, ce - cb,
-                                    scratch);
-      const int64_t i0 = std::max<int64_t>(0, 4 * cb - offset), i1 = std::min<int64_t>(numel, 4 * ce - offset);
-      std::copy(z + (i0 + offset - 4 * cb), z + (i1 + offset - 4 * cb), o + i0);
-    }
-  });
+  philox_rows(out, seed, {chain}, step, offset);
+}
+
+void philox_normal_rows_cpu_(torch::Tensor out, uint64_t seed, std::vector<int64_t> chains, int64_t step,
+                             int64_t offset) {
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == static_cast<int64_t>(chains.size()),
+                    "out must be [chains, N] with one row per chain id");
+  philox_rows(out, seed, chains, step, offset);
 }
 
 }  // namespace bif_fast

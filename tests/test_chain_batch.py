@@ -82,6 +82,20 @@ def test_batched_chains_float32_and_a_parameter_subset():
     assert all(p.grad is None for p in model[0].parameters())
 
 
+def test_batched_chains_with_the_curvature_mass_equal_sequential_chains():
+    """The default sampler (BAOAB with the low-rank mass, fp32): one call steps the batch's rows, each row
+    with its own chain's noise, so the chains are the sequential ones up to fp32 rounding of the products."""
+    model, train, query = _mlp_problem(torch.float32)
+    sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=100.0, sampler="baoab", friction=20.0, mass="curvature",
+                      mass_rank=3)  # fmt: skip
+    cfg = _config(sgld, batch_size="full", num_steps_bw_draws=1)
+    one = compute_bif(model, train, query, loss_fn=_ce, config=dataclasses.replace(cfg, chain_batch=1))
+    many = compute_bif(model, train, query, loss_fn=_ce, config=dataclasses.replace(cfg, chain_batch=3))
+    assert many.diagnostics["chain_batch"] == 3
+    _assert_same(many, one, rtol=2e-4, atol=1e-5)
+    assert min(min(r[1:]) for r in one.diagnostics["rms_distance_from_w_star"]) > 1e-4
+
+
 def _token_problem():
     g = torch.Generator().manual_seed(1)
     model = torch.nn.Linear(4, 1).double()
@@ -122,8 +136,19 @@ def _poison_chains(monkeypatch, chains: set[int], at_step: int) -> None:
                 kw["out"].fill_(float("nan"))
             kw["diverged"].fill_(1)
 
+    real_rows = batched_mod.sgld_update_rows_resolved_
+
+    def poisoned_rows(backend, w, grad, anchor, state, **kw):
+        real_rows(backend, w, grad, anchor, state, **kw)
+        for r, chain in enumerate(kw["chains"]):
+            if chain in chains and kw["step"] == at_step:
+                w[r].fill_(float("nan"))
+                if kw["out"] is not None:
+                    kw["out"][r].fill_(float("nan"))
+                kw["diverged"][r] = 1
+
     monkeypatch.setattr(sampler_mod, "sgld_update_resolved_", poisoned)
-    monkeypatch.setattr(batched_mod, "sgld_update_resolved_", poisoned)
+    monkeypatch.setattr(batched_mod, "sgld_update_rows_resolved_", poisoned_rows)
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])

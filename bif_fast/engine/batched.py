@@ -29,7 +29,7 @@ from bif_fast.config import SGLDConfig
 from bif_fast.engine.data import leading_dims
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_steps_
 from bif_fast.engine.units import LossModule, full_batch_term, loss_module_names
-from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
+from bif_fast.ops import init_sampler_state_, sgld_update_rows_resolved_
 from bif_fast.sampler import load_sampler_state_
 
 __all__ = ["ChainBatch"]
@@ -183,14 +183,13 @@ class ChainBatch:
                             step=self.num_steps, noise=self.noise[:c], diverged=self.diverged_flags[:c])  # fmt: skip
                 self.num_steps += 1
                 return
-            for i, chain in enumerate(self.chains):
-                sgld_update_resolved_(
-                    self.backend, self.master[i].detach(), self.grad[i], self.anchor,
-                    None if self.state is None else self.state[i], config=self.config, seed=self.seed, chain=chain,
-                    step=self.num_steps, offset=0, noise=None,
-                    out=None if self.master is self.param else self.param[i].detach(),
-                    diverged=self.diverged_flags[i : i + 1],
-                )  # fmt: skip
+            c = self.c
+            sgld_update_rows_resolved_(
+                self.backend, self.master[:c].detach(), self.grad[:c], self.anchor,
+                None if self.state is None else self.state[:c], config=self.config, seed=self.seed,
+                chains=self.chains, step=self.num_steps,
+                out=None if self.master is self.param else self.param[:c].detach(), diverged=self.diverged_flags[:c],
+            )  # fmt: skip
         self.num_steps += 1
 
     def sampler_state(self) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 
 from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
-from bif_fast.ops import philox_normal_, sgld_update_resolved_
+from bif_fast.ops import philox_normal_, philox_normal_rows_, sgld_update_resolved_, sgld_update_rows_resolved_
 
 __all__ = ["LowRankMass", "curvature_mass", "init_mass_velocity_", "kinetic_force", "mass_step_", "mass_steps_"]
 
@@ -122,10 +122,7 @@ def mass_steps_(backend: ResolvedBackend, w: torch.Tensor, grad: torch.Tensor, a
     a batch of chains steps in one call; each chain keeps its own Philox stream ``(seed, chains[i], step)``,
     so the chains are the ones ``mass_step_`` makes, up to the rounding of the batched products."""
     force = mass.inv_mass(kinetic_force(grad, w, anchor, config))
-    for i, chain in enumerate(chains):
-        philox_normal_(noise[i], seed=seed, chain=chain, step=step, backend=backend)
-    scaled = mass.inv_sqrt_mass(noise)
+    philox_normal_rows_(noise, seed=seed, chains=chains, step=step, backend=backend)
     unit = _unit_kernel_config(config)
-    for i, chain in enumerate(chains):
-        sgld_update_resolved_(backend, w[i], force[i], anchor, state[i], config=unit, seed=seed, chain=chain,
-                              step=step, noise=scaled[i], out=None, diverged=diverged[i : i + 1])  # fmt: skip
+    sgld_update_rows_resolved_(backend, w, force, anchor, state, config=unit, seed=seed, chains=chains, step=step,
+                               noise=mass.inv_sqrt_mass(noise), diverged=diverged)  # fmt: skip

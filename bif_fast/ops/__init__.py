@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from bif_fast.ops.cross_entropy import cross_entropy_from_logits, per_token_cross_entropy
 from bif_fast.ops.running_cov import RunningCrossCovariance
-from bif_fast.ops.sgld_update import init_sampler_state_, philox_normal_, sgld_update_, sgld_update_resolved_
+from bif_fast.ops.sgld_update import (
+    init_sampler_state_,
+    philox_normal_,
+    philox_normal_rows_,
+    sgld_update_,
+    sgld_update_resolved_,
+    sgld_update_rows_resolved_,
+)
 
 __all__ = [
     "RunningCrossCovariance",
@@ -20,6 +27,8 @@ __all__ = [
     "init_sampler_state_",
     "per_token_cross_entropy",
     "philox_normal_",
+    "philox_normal_rows_",
     "sgld_update_",
     "sgld_update_resolved_",
+    "sgld_update_rows_resolved_",
 ]

@@ -18,7 +18,14 @@ from bif_fast._backend import RESOLVED_BACKENDS, Backend, ResolvedBackend, resol
 from bif_fast.config import SGLDConfig
 from bif_fast.ops._common import check_flat
 
-__all__ = ["init_sampler_state_", "philox_normal_", "sgld_update_", "sgld_update_resolved_"]
+__all__ = [
+    "init_sampler_state_",
+    "philox_normal_",
+    "philox_normal_rows_",
+    "sgld_update_",
+    "sgld_update_resolved_",
+    "sgld_update_rows_resolved_",
+]
 
 
 def _check_counters(**counters: int) -> None:
@@ -153,6 +160,41 @@ def sgld_update_resolved_(
         _check_resolved(backend)
 
 
+def sgld_update_rows_resolved_(
+    backend: ResolvedBackend,
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    anchor: torch.Tensor,
+    state: torch.Tensor | None,
+    *,
+    config: SGLDConfig,
+    seed: int,
+    chains: list[int],
+    step: int,
+    noise: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    diverged: torch.Tensor | None = None,
+) -> None:
+    """``sgld_update_resolved_`` for C chains stacked as the rows of ``[C, N]`` buffers: row r is chain
+    ``chains[r]``, with that chain's Philox stream, so each row gets exactly what a flat call on it gives.
+
+    ``w``, ``grad``, ``state``, ``noise`` and ``out`` are ``[C, N]`` and contiguous, ``anchor`` is the
+    shared ``[N]`` w*, ``diverged`` a ``[C]`` int32 flag per row. The extension steps every row in one
+    call (its threads split rows and chunks alike, so a batch of small chains keeps every core busy and
+    pays one dispatch); the other backends step the rows one by one.
+    """
+    if backend == "ext":
+        _sgld_update_ext(w, grad, anchor, state, config=config, seed=seed, chain=chains, step=step, offset=0,
+                         noise=noise, out=out, diverged=diverged)  # fmt: skip
+        return
+    for r, chain in enumerate(chains):
+        sgld_update_resolved_(
+            backend, w[r], grad[r], anchor, None if state is None else state[r], config=config, seed=seed,
+            chain=chain, step=step, noise=None if noise is None else noise[r], out=None if out is None else out[r],
+            diverged=None if diverged is None else diverged[r : r + 1],
+        )  # fmt: skip
+
+
 @functools.lru_cache(maxsize=64)
 def _coefficients(config: SGLDConfig, first_step: bool) -> dict[str, float]:
     """The step's host scalars; only BAOAB's opening kick differs between step 0 and later steps."""
@@ -169,21 +211,23 @@ def _sgld_update_ext(
     *,
     config: SGLDConfig,
     seed: int,
-    chain: int,
+    chain: int | list[int],
     step: int,
     offset: int,
     noise: torch.Tensor | None,
     out: torch.Tensor | None,
     diverged: torch.Tensor | None,
 ) -> None:
-    """The fused C++ CPU step. It reads grad and anchor in one dtype and writes ``out`` in that dtype."""
+    """The fused C++ CPU step: one flat buffer (``chain`` an int) or ``[C, N]`` rows (``chain`` the rows'
+    chain ids). It reads grad and anchor in one dtype and writes ``out`` in that dtype."""
     from bif_fast import _ext
     from bif_fast.reference.sgld_update import sampler_code
 
     if grad.dtype != anchor.dtype:
         grad = grad.to(anchor.dtype)
     direct_out = out if out is None or out.dtype == anchor.dtype else None
-    _ext.C.sgld_update_cpu_(
+    entry = _ext.C.sgld_update_cpu_ if isinstance(chain, int) else _ext.C.sgld_update_rows_cpu_
+    entry(
         w, grad, anchor, state, noise, direct_out, diverged, sampler_code(config),
         config.bounding_box_size is not None, offset, seed, chain, step, _coefficients(config, step == 0),
     )  # fmt: skip
@@ -208,6 +252,20 @@ def _philox_normal_resolved(
     from bif_fast.reference.philox import philox_normal
 
     return out.copy_(philox_normal(out.numel(), seed=seed, chain=chain, step=step, offset=offset))
+
+
+def philox_normal_rows_(
+    out: torch.Tensor, *, seed: int, chains: list[int], step: int, backend: ResolvedBackend
+) -> None:
+    """``philox_normal_`` for the rows of a contiguous fp32 ``[C, N]`` buffer, row r filled with chain
+    ``chains[r]``'s noise (canonical elements ``0 .. N-1``): one call on the extension, row by row elsewhere."""
+    if backend == "ext":
+        from bif_fast import _ext
+
+        _ext.C.philox_normal_rows_cpu_(out, seed, chains, step, 0)
+        return
+    for r, chain in enumerate(chains):
+        _philox_normal_resolved(backend, out[r], seed=seed, chain=chain, step=step, offset=0)
 
 
 def philox_normal_(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bif_fast import SGLDConfig, philox_normal_, sgld_update_
-from bif_fast.ops import init_sampler_state_, sgld_update_resolved_
+from bif_fast.ops import init_sampler_state_, philox_normal_rows_, sgld_update_resolved_, sgld_update_rows_resolved_
 from bif_fast.reference.philox import INIT_VELOCITY_STEP, philox4x32, philox_normal
 from bif_fast.reference.sgld_update import SAMPLER_CODES, sampler_code
 from tests.conftest import require_ext
@@ -291,6 +291,83 @@ def test_resolved_step_is_the_checked_step(name):
         assert torch.equal(state2, checked_state)
     with pytest.raises(ValueError, match="resolved backend"):
         sgld_update_resolved_("auto", w2, grad, anchor, state2, config=cfg, seed=0, chain=0, step=0)
+
+
+ROW_CHAINS = [7, 2, 40]  # not 0..C-1: each row must be keyed by its own chain id
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n", [1, 1237, 70003])  # 70003: more than two of the extension's 32K-element chunks
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rows_step_is_each_rows_flat_step(backend, n, param_dtype, name):
+    """sgld_update_rows_resolved_ on [C, N] rows gives each row, bit for bit, what a flat step keyed by
+    that row's chain gives (weights, state, the bf16 copy), and flags exactly the rows that diverged."""
+    if backend == "ext":
+        require_ext()
+    if backend == "triton" and n == 70003:
+        pytest.skip("the interpreter is slow; the row loop is the same for every size")
+    cfg = CONFIGS[name]
+    rows = [_inputs(n, param_dtype, seed=10 + r) for r in range(len(ROW_CHAINS))]
+    anchor = rows[0][2]
+    w, grad, state = (torch.stack([row[i] for row in rows]) for i in (0, 1, 3))
+    grad[1, n // 2] = float("nan")  # the middle row diverges, the others must not be flagged
+    step = 0 if name == "baoab" else 3  # BAOAB's first step has its own (half) kick
+    state_arg = state.clone() if cfg.needs_state else None
+    rows_w = w.clone()
+    out = None if param_dtype == torch.float32 else torch.full((len(ROW_CHAINS), n), float("nan"), dtype=param_dtype)
+    flags = torch.zeros(len(ROW_CHAINS), dtype=torch.int32)
+    sgld_update_rows_resolved_(backend, rows_w, grad, anchor, state_arg, config=cfg, seed=99, chains=ROW_CHAINS,
+                               step=step, out=out, diverged=flags)  # fmt: skip
+    for r, chain in enumerate(ROW_CHAINS):
+        flat_w, flat_state = w[r].clone(), state[r].clone() if cfg.needs_state else None
+        flat_out = None if out is None else torch.empty(n, dtype=param_dtype)
+        flag = torch.zeros(1, dtype=torch.int32)
+        sgld_update_resolved_(backend, flat_w, grad[r], anchor, flat_state, config=cfg, seed=99, chain=chain,
+                              step=step, out=flat_out, diverged=flag)  # fmt: skip
+        assert torch.equal(rows_w[r], flat_w) or (r == 1 and torch.equal(rows_w[r].isnan(), flat_w.isnan()))
+        if cfg.needs_state and r != 1:
+            assert torch.equal(state_arg[r], flat_state)
+        if out is not None and r != 1:
+            assert torch.equal(out[r], flat_out)
+        assert int(flags[r]) == int(flag)
+        if cfg.bounding_box_size is None:  # the box clamps a NaN step back into it
+            assert int(flag) == (1 if r == 1 else 0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rows_noise_is_each_chains_stream(backend):
+    """philox_normal_rows_ fills row r with chain chains[r]'s stream, bit for bit as philox_normal_ does."""
+    if backend == "ext":
+        require_ext()
+    n = 70003 if backend != "triton" else 1237
+    out = torch.full((len(ROW_CHAINS), n), float("nan"))
+    philox_normal_rows_(out, seed=2**33 + 5, chains=ROW_CHAINS, step=17, backend=backend)
+    for r, chain in enumerate(ROW_CHAINS):
+        flat = philox_normal_(torch.empty(n), seed=2**33 + 5, chain=chain, step=17, backend=backend)
+        assert torch.equal(out[r], flat)
+
+
+@pytest.mark.ext
+def test_rows_entry_points_reject_bad_shapes():
+    require_ext()
+    from bif_fast import _ext
+    from bif_fast.ops.sgld_update import _coefficients
+
+    cfg = CONFIGS["sgld"]
+    w, grad, anchor = torch.zeros(3, 8), torch.zeros(3, 8), torch.zeros(8)
+    call = lambda *args, chains=(0, 1, 2): _ext.C.sgld_update_rows_cpu_(  # noqa: E731
+        *args, None, None, None, None, 0, False, 0, 0, list(chains), 1, _coefficients(cfg, False))
+    with pytest.raises(ValueError, match="one row per chain"):
+        call(w, grad, anchor, chains=(0, 1))
+    with pytest.raises(ValueError, match="anchor must be a contiguous CPU tensor of 8"):
+        call(w, grad, torch.zeros(9))
+    with pytest.raises(ValueError, match="grad must be a contiguous CPU tensor of 24"):
+        call(w, torch.zeros(3, 9), anchor)
+    with pytest.raises(ValueError, match="32 bits"):
+        call(w, grad, anchor, chains=(0, 1, 2**32))
+    with pytest.raises(ValueError, match="one row per chain"):
+        _ext.C.philox_normal_rows_cpu_(torch.zeros(3, 8), 0, [0, 1], 0, 0)
 
 
 def test_needs_state_and_sampler_codes():
