@@ -71,10 +71,11 @@ class ChainBatch:
         self._eval_fn = torch.func.vmap(self._call, in_dims=(0, None))  # stacked weights, shared batch
         with torch.no_grad():
             self.anchor = torch.cat([p.detach().reshape(-1) for p in params])  # [N] w*, canonical order
-        # [size, N] parameters in the model's dtype (a leaf: its views get gradients) and the fp32 master.
-        self.param = self.anchor.expand(size, total).clone().requires_grad_(True)
-        self.master = self.param if self.dtype == torch.float32 else self.param.detach().float()
+        # [size, N] parameters in the model's dtype and the fp32 master (the same buffer for fp32 models).
+        self.param = self.anchor.expand(size, total).clone()
+        self.master = self.param if self.dtype == torch.float32 else self.param.float()
         self.grad = torch.zeros(size, total, dtype=self.dtype, device=self.device)
+        self._leaves: dict[int, list[torch.Tensor]] = {}  # chains -> per-parameter leaf views of param[:c]
         self.state = torch.zeros(size, total, device=self.device) if config.needs_state else None
         self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
         self.mass = mass
@@ -105,12 +106,37 @@ class ChainBatch:
     def c(self) -> int:
         return len(self.chains)
 
-    def _views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``[c, *shape]`` views of each parameter's columns of ``rows`` (``[c, N]``)."""
         c = rows.shape[0]
-        return {
-            name: rows[:, s : s + int(torch.Size(shape).numel())].view(c, *shape)
-            for name, s, shape in zip(self.names, self.starts, self.shapes, strict=True)
-        }
+        return [rows[:, s : s + int(torch.Size(shape).numel())].view(c, *shape)
+                for s, shape in zip(self.starts, self.shapes, strict=True)]  # fmt: skip
+
+    def _views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self._split(rows), strict=True))
+
+    def _grad_inputs(self) -> list[torch.Tensor]:
+        """The running chains' parameters as one leaf per parameter, views of ``param[:c]``.
+
+        Differentiating with respect to these leaves (``torch.autograd.grad``) gives each parameter's
+        ``[c, *shape]`` gradient as the backward produces it; views of one ``[c, N]`` leaf would make the
+        backward scatter every parameter's gradient into a zero-filled ``[c, N]`` tensor and sum them."""
+        c = self.c
+        if c not in self._leaves:
+            self._leaves[c] = [v.requires_grad_(True) for v in self._split(self.param[:c])]
+        return self._leaves[c]
+
+    def _store_grads(self, grads: tuple[torch.Tensor | None, ...], accumulate: bool) -> None:
+        """Write (or add) per-parameter gradients into ``grad[:c]``; a parameter the loss does not touch
+        gets zero."""
+        for view, g in zip(self._split(self.grad[: self.c]), grads, strict=True):
+            if g is None:
+                if not accumulate:
+                    view.zero_()
+            elif accumulate:
+                view.add_(g)
+            else:
+                view.copy_(g)
 
     # -- evaluation and steps ------------------------------------------------------------------------
 
@@ -133,35 +159,30 @@ class ChainBatch:
 
     def gradient(self, batch: Any) -> torch.Tensor:
         """Gradients of each chain's mean minibatch loss, ``[C, N]`` (``batch`` stacked, one per chain)."""
-        c = self.c
-        self.grad[:c].zero_()
-        self.param.grad = self.grad
+        leaves = self._grad_inputs()
         with torch.enable_grad():
-            views = self._views(self.param[:c])
+            views = dict(zip(self.names, leaves, strict=True))
             losses = torch.func.vmap(self._minibatch, in_dims=(0, leading_dims(batch)))(views, batch)  # [C]
-            losses.sum().backward()  # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
-        if self.param.grad is not self.grad:  # autograd replaced it (e.g. a different layout): copy back
-            self.grad.copy_(self.param.grad)
-            self.param.grad = self.grad
-        return self.grad[:c]
+            # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
+            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        self._store_grads(grads, accumulate=False)
+        return self.grad[: self.c]
 
     def full_gradient(self, batches: list, count: int) -> list[torch.Tensor]:
         """Gradients (into ``self.grad``) of each chain's mean loss over ``batches`` (``count`` units in all),
         and the losses of its forward, ``[C, B(, T)]`` per batch (float32, or float64 kept)."""
-        c = self.c
-        self.grad[:c].zero_()
-        self.param.grad = self.grad
+        leaves = self._grad_inputs()
         outs = []
         with torch.enable_grad():
-            for batch in batches:
-                views = self._views(self.param[:c])
+            for i, batch in enumerate(batches):
+                views = dict(zip(self.names, leaves, strict=True))
                 out, total = torch.func.vmap(self._full_term, in_dims=(0, None, None))(views, batch, count)
-                total.sum().backward()
+                grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+                self._store_grads(grads, accumulate=i > 0)
                 out = out.detach()
                 outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
-        if self.param.grad is not self.grad:
-            self.grad.copy_(self.param.grad)
-            self.param.grad = self.grad
+        if not batches:
+            self.grad[: self.c].zero_()
         return outs
 
     def _full_term(self, params: dict[str, torch.Tensor], batch: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
