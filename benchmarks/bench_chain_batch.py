@@ -69,8 +69,8 @@ def calibrated_settings(names: list[str], repeats: int, draws: int) -> list[dict
         rates: dict[int, list[float]] = {1: [], cfg.num_chains: []}
         for rep in range(repeats + 1):  # the first round warms up and is not counted
             for size in rates:
-                run = compute_bif(model, train, query, loss_fn=setting.loss_fn,
-                                  config=dataclasses.replace(cfg, num_draws=draws, chain_batch=size))  # fmt: skip
+                fixed = dataclasses.replace(cfg, num_draws=draws, chain_batch=size, time_limit=None)
+                run = compute_bif(model, train, query, loss_fn=setting.loss_fn, config=fixed)
                 d = run.diagnostics
                 if d["chain_batch"] != size:
                     raise SystemExit(f"{name}: asked for chain_batch {size}, ran {d['chain_batch']}")

@@ -37,7 +37,9 @@ The rules, in order (each estimate and its cost is recorded):
 6. **Length.** 8 chains and as many draws as the time left in ``budget_seconds`` allows (at least the
    calibration's time and 100 draws per chain) at the speed of a short trial of the final run's shape
    (eight chains at once run faster per chain-step than the pilots' pairs; the pilots' speed where the
-   trial fails). The probe's scores are carried to that length: a correlation measured through
+   trial fails). The run may sample for the time it was planned for (``BIFConfig.time_limit``; at least
+   1.5 x the trial's estimate of 100 draws per chain): a machine that slows down mid-run stops it early
+   instead of overrunning the budget. The probe's scores are carried to that length: a correlation measured through
    Monte-Carlo noise of noise-to-signal ratio c shrinks by ``1 / sqrt(1 + c)``, N times the draws divide
    c by N, and each pilot's two independent halves measure its c (``engine.probe.extrapolated_score``).
 """
@@ -84,6 +86,7 @@ MASS_RANK = 32
 MASS_BYTES = 1 << 30  # Lanczos basis budget; above it the sampler runs with unit mass
 PILOT_CHAINS, PILOT_DRAWS, MIN_PILOT_DRAWS = 4, 60, 20
 FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
+LIMIT_SLACK = 1.5  # the final run's time limit over the estimated time of MIN_DRAWS draws
 TRIAL_SHARE, MIN_TRIAL_DRAWS, MAX_TRIAL_DRAWS = 0.03, 8, 200  # the final shape's speed trial: its share of the
 # sampling time (a trial of tens of milliseconds misjudged the speed by 30%) and its bounds in draws
 REFITS, REFIT_STEPS, MIN_REFIT_STEPS = 12, 100, 20
@@ -405,6 +408,7 @@ class _Search:
         per_step, overhead = self.final_speed(sgld, mass, TRIAL_SHARE * seconds_left)
         seconds_left -= time.perf_counter() - t_trial
         draws = self.draws_for(seconds_left - overhead, per_step)
+        time_limit = max(seconds_left - overhead, LIMIT_SLACK * per_step * FINAL_CHAINS * MIN_DRAWS)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
         calibration = {
             "curvature": curv,
@@ -425,7 +429,9 @@ class _Search:
                       "gradient_evaluations": self.probe.gradient_evaluations},
             "length": {"chains": FINAL_CHAINS, "draws": draws, "seconds_per_chain_step": per_step,
                        "seconds_per_run": overhead, "speed_trial": self.trial,
-                       "seconds_left": seconds_left, "rule": "as many draws as the time budget leaves"},
+                       "seconds_left": seconds_left, "time_limit": time_limit,
+                       "rule": "as many draws as the time budget leaves, sampling stopped at the time planned for "
+                               f"them (at least {LIMIT_SLACK:g} x the estimate of {MIN_DRAWS} draws)"},
             "pilot_seconds": self.pilot_seconds,
             "seconds": time.perf_counter() - t0,
         }  # fmt: skip
@@ -433,5 +439,5 @@ class _Search:
                     best["damping"], sgld.lr, FINAL_CHAINS, draws, calibration["seconds"])  # fmt: skip
         config = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
                            eval_batch_size=EVAL_BATCH, seed=self.seed, max_excursion=self.max_excursion,
-                           calibration=calibration)  # fmt: skip
+                           time_limit=time_limit, calibration=calibration)  # fmt: skip
         return Calibrated(config, mass)

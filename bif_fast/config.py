@@ -205,6 +205,17 @@ class BIFConfig:
             "res.topk works across the shards. False: the chains are split across the ranks instead"
         ),
     )
+    time_limit: float | None = field(
+        default=None,
+        metadata=_help(
+            "seconds the sampling may run (the draws of every chain, from the first chain's start): each group of "
+            "chains run together may use its share of the time left, and stops at its next draw past it (after at "
+            "least 2 draws); the first group stopped early sets the draws of every later one, so the chains keep "
+            "one length. diagnostics['time_limit'] says whether and where it stopped. Not applied (said there) "
+            "with a checkpoint or inside a process group, whose runs are exact and reproducible. None: no limit. "
+            "The calibrated defaults set the sampling time they planned"
+        ),
+    )
     calibration: dict[str, Any] | None = field(
         default=None,
         compare=False,
@@ -251,6 +262,10 @@ class BIFConfig:
             raise ValueError(f"BIFConfig.max_excursion must be None or a number > 1, got {ex!r}")
         if self.cov_dtype not in ("auto", "float64", "float32"):
             raise ValueError(f"BIFConfig.cov_dtype must be 'auto', 'float64' or 'float32', got {self.cov_dtype!r}")
+        limit = self.time_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or not (limit > 0 and math.isfinite(limit))):  # fmt: skip
+            raise ValueError(f"BIFConfig.time_limit must be None or a finite number of seconds > 0, got {limit!r}")
         cap = self.eval_max_tokens
         if cap is not None and cap != "auto" and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"BIFConfig.eval_max_tokens must be 'auto', None or an int >= 1, got {cap!r}")

@@ -77,6 +77,10 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert calibration.MIN_TRIAL_DRAWS <= trial["draws"] <= calibration.MAX_TRIAL_DRAWS
     per_step = trial["loop_seconds"] / (calibration.FINAL_CHAINS * (trial["draws"] - 1))
     assert cal["length"]["seconds_per_chain_step"] == pytest.approx(per_step)
+    # The sampling may run for the time its draws were planned for (and at least 1.5 x 100 draws' worth).
+    planned = cal["length"]["seconds_left"] - cal["length"]["seconds_per_run"]
+    floor = calibration.LIMIT_SLACK * per_step * calibration.FINAL_CHAINS * calibration.MIN_DRAWS
+    assert cfg.time_limit == pytest.approx(max(planned, floor)) and cfg.time_limit <= 5.0
     tried = sorted({c["damping"] for c in cal["candidates"]})
     assert all("probe_lds" in c for c in cal["candidates"]) and len(tried) == len(calibration.DAMPINGS)
     assert tried[-1] / tried[0] == pytest.approx(calibration.DAMPINGS[-1] / calibration.DAMPINGS[0])  # both ends
@@ -88,7 +92,7 @@ def test_the_calibrated_bif_matches_the_closed_form_of_its_posterior(short_runs)
     around w* with covariance (nbeta (H + WD) + loc)^-1: the BIF of the calibrated config has a closed form."""
     model, train, query, x, y, w_star, h = _ridge()
     cfg = calibrate(model, train, query, loss_fn=_sq, budget_seconds=5.0)
-    cfg = dataclasses.replace(cfg, num_draws=1500)
+    cfg = dataclasses.replace(cfg, num_draws=1500, time_limit=None)
     res = compute_bif(model, train, query, loss_fn=_sq, config=cfg)
     s = cfg.sgld
     d = h.shape[0]

@@ -141,7 +141,7 @@ def run_lm_demo(
     if config is None and (num_chains is not None or num_draws is not None):
         config = calibrate(model, train, query, loss_fn=loss_fn, per_token=True, params=params, seed=seed)
         config = dataclasses.replace(config, num_chains=num_chains or config.num_chains,
-                                     num_draws=num_draws or config.num_draws)  # fmt: skip
+                                     num_draws=num_draws or config.num_draws, time_limit=None)  # fmt: skip
     how = "calibrated settings (bif_fast.calibrate)" if config is None or config.calibration else "the given config"
     say(f"computing the per-token BIF of the attention weights with {how}")
     res = compute_bif(model, train, query, loss_fn=loss_fn, config=config, per_token=True, params=params)

@@ -8,6 +8,7 @@ all draws of all chains around the grand mean (ddof = 1), and ``bif_normalized =
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from bif_fast.engine.sharded import any_sharded
 from bif_fast.engine.units import LossFn, Units, check_loss, evaluate, loss_and_mask
 from bif_fast.result import BIFError
 from bif_fast.sampler import SGLD
+
+logger = logging.getLogger("bif_fast")
 
 __all__ = ["EvalSet", "RunOutput", "eval_set", "run_bif"]
 
@@ -111,6 +114,7 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
             _merge_traces(run.traces, ranks, config.num_chains)
         diagnostics = _diagnostics(sides, run.pool, run.traces, config, run.opt, run.chains, run.pool.dtype, t_start)
         diagnostics["forward_reuse"] = run.reuse
+        diagnostics["time_limit"] = run.time_limit
         diagnostics["world_size"] = ranks.world
         if shard is not None:
             diagnostics["shard"] = {"sequences": [shard.lo, shard.hi], "rows": [rows.offset, rows.offset + rows.n],
@@ -160,6 +164,7 @@ class _Sampled:
     pool: Pool
     traces: _Traces
     reuse: bool
+    time_limit: dict[str, Any] | None = None
 
 
 def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet], loss_fn: LossFn,
@@ -192,8 +197,55 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
         saver(pool, traces)  # before the first chain: the config and mass this run samples with
     ours = range(config.num_chains) if rows.shard is not None else ranks.chains(config.num_chains)
     mine = [c for c in ours if c not in traces.finished]
-    _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored)
-    return _Sampled(opt, chains, pool, traces, reuse)
+    limit = _TimeLimit.of(config, mine, chains.size, saver is not None, ranks.active)
+    _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored, limit)
+    return _Sampled(opt, chains, pool, traces, reuse, None if limit is None else limit.record())
+
+
+class _TimeLimit:
+    """``BIFConfig.time_limit`` over this run's groups of chains: a group may run until its share of the time
+    left (over the groups left) and stops at its next draw past it; the first group stopped early caps the
+    draws of every later group at its own, so the chains keep one length where they can. Off (``applied``
+    False, with the reason) where a run must be exact and reproducible: with a checkpoint, or on many ranks."""
+
+    def __init__(self, seconds: float, groups: int, why_not: str | None):
+        self.seconds, self.groups_left, self.why_not = seconds, groups, why_not
+        self.t0 = time.perf_counter()
+        self.cap: int | None = None  # draws per chain from the first early stop on
+        self.stopped: list[int] = []  # the chains stopped early
+
+    @classmethod
+    def of(cls, config: BIFConfig, mine: list[int], size: int, checkpointed: bool, many_ranks: bool):
+        if config.time_limit is None:
+            return None
+        why_not = ("a checkpointed run resumes exactly, which a time limit would not" if checkpointed else
+                   "ranks would stop at different draws" if many_ranks else None)  # fmt: skip
+        return cls(float(config.time_limit), -(-len(mine) // max(1, size)), why_not)
+
+    @property
+    def applied(self) -> bool:
+        return self.why_not is None
+
+    def group_deadline(self) -> float | None:
+        """The time (``perf_counter``) the next group must stop by, or None (no limit applied)."""
+        if not self.applied:
+            return None
+        now = time.perf_counter()
+        share = max(0.0, self.t0 + self.seconds - now) / max(1, self.groups_left)
+        self.groups_left -= 1
+        return now + share
+
+    def stop(self, ids: list[int], draws: int) -> None:
+        self.stopped += ids
+        if self.cap is None:
+            self.cap = draws
+        logger.info("bif_fast: chains %s stopped at draw %d by the time limit (%.3g s)", ids, draws, self.seconds)
+
+    def record(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "applied": self.applied, "why_not": self.why_not,
+                "stopped_chains": self.stopped, "draws_after_stop": self.cap,
+                "rule": "each group of chains its share of the time left; the first early stop sets later "
+                        "groups' draws"}  # fmt: skip
 
 
 def _merge_traces(traces: _Traces, ranks: Ranks, num_chains: int) -> None:
@@ -379,18 +431,22 @@ class _DrawLoop:
         self.bufs = [torch.empty(self.k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
         self.pairs = _Pairs(self.bufs) if config.estimator == "lag1" else None
 
-    def run(self, mine: list[int], restored: Restored | None) -> None:
+    def run(self, mine: list[int], restored: Restored | None, limit: _TimeLimit | None = None) -> None:
         running = None if restored is None else restored.meta.get("running")
         bar = _progress(self.config)
         for first in range(0, len(mine), self.chains.size):
             ids = mine[first : first + self.chains.size]
-            self._group(ids, restored if running is not None and running["ids"] == ids else None, bar)
+            self._group(ids, restored if running is not None and running["ids"] == ids else None, bar, limit)
         if bar is not None:
             bar.close()
 
-    def _group(self, ids: list[int], resume: Restored | None, bar) -> None:
+    def _group(self, ids: list[int], resume: Restored | None, bar, limit: _TimeLimit | None) -> None:
         chains, sides, bufs, config = self.chains, self.sides, self.bufs, self.config
-        c, num_draws = len(ids), config.num_draws
+        c = len(ids)
+        num_draws = config.num_draws if limit is None or limit.cap is None else min(config.num_draws, limit.cap)
+        deadline = None if limit is None else limit.group_deadline()
+        last = num_draws - 1  # the group's last draw (earlier where the time limit stops it)
+        first_stop = 2 if config.estimator == "lag1" else 1  # 2 draws (lag-1: 2 pairs) before a stop
         accs = self.pool.chain_accumulators(c)
         chains.reset(ids)
         if resume is None:
@@ -400,8 +456,11 @@ class _DrawLoop:
             start, dists, means, elapsed = self._resume(resume, accs)
         t_group, filled = time.perf_counter() - elapsed, 0
         for d in range(start, num_draws):
+            if deadline is not None and first_stop <= d < last and time.perf_counter() >= deadline:
+                last = d
+                limit.stop(ids, d + 1)
             dists.append(chains.distance())
-            steps = config.num_steps_bw_draws if d < num_draws - 1 else 0
+            steps = config.num_steps_bw_draws if d < last else 0
             if self.reuse and steps:  # the step's full-batch forward gives the training losses at this draw
                 sides[1].units.gather_rows(chains.evaluate(sides[1].batches), out=bufs[1][filled, :c])
                 sides[0].units.gather_rows(chains.step_with_losses(), out=bufs[0][filled, :c])
@@ -411,16 +470,18 @@ class _DrawLoop:
                     s.units.gather_rows(chains.evaluate(s.batches), out=buf[filled, :c])
             means.append(bufs[0][filled, :c].mean(1))
             filled += 1 if self.pairs is None else self.pairs.pair(filled, c, first_draw=d == 0)
-            if filled == self.k or (d == num_draws - 1 and filled > 0):
+            if filled == self.k or (d == last and filled > 0):
                 for i in range(c):
                     accs[i].update(bufs[0][:filled, i], bufs[1][:filled, i], check_finite=False)
                 filled = 0
             chains.steps(steps)
             if bar is not None:
                 bar.update(c)
-            if filled == 0 and d < num_draws - 1 and self.saver is not None and self.saver.due():
+            if filled == 0 and d < last and self.saver is not None and self.saver.due():
                 running = self._snapshot(ids, d + 1, accs, dists, means, time.perf_counter() - t_group)
                 self.saver(self.pool, self.traces, running)
+            if d == last:
+                break
         self._finish(ids, accs, dists, means, t_group)
 
     def _finish(self, ids: list[int], accs: list, dists: list, means: list, t_group: float) -> None:
@@ -428,9 +489,11 @@ class _DrawLoop:
         mean = torch.stack(means, 1).double()
         if shard is not None:  # the mean over every rank's rows, so that every rank sees the same trace
             mean = shard.ranks.small_sum(mean.mul_(self.rows.n)).div_(self.rows.total)
-        traces.mean_train_loss[rows] = mean.to(traces.mean_train_loss.dtype)
-        traces.distance[rows] = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5).to(traces.distance.dtype)
-        escapes = escaped_chains(traces.mean_train_loss[rows], float(self.sides[0].at_w_star.mean()),
+        taken = mean.shape[1]  # draws of this group (fewer than num_draws where the time limit stopped it)
+        traces.mean_train_loss[rows, :taken] = mean.to(traces.mean_train_loss.dtype)
+        dist = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5)
+        traces.distance[rows, :taken] = dist.to(traces.distance.dtype)
+        escapes = escaped_chains(traces.mean_train_loss[rows, :taken], float(self.sides[0].at_w_star.mean()),
                                  self.config.max_excursion, traces.typical)  # fmt: skip
         flags = self.chains.diverged()
         if shard is not None:  # a chain is kept on every rank or on none
