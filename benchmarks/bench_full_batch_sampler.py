@@ -27,15 +27,21 @@ Providers, interleaved in one process, medians over ``--repeats`` (each repeat r
 - ``reference_one_chain``: the same hand-written sampler run one chain at a time (``[1, ...]`` batches):
   what the hand-written code gains from stepping the chains together.
 
-The ratio ``bif_fast / reference`` is the figure (above 1: bif_fast is faster).
+The ratio ``bif_fast / reference`` is the figure (above 1: bif_fast is faster). The minor page faults
+per chain-step are printed beside it: glibc's malloc, unless its thresholds are pinned
+(``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``), may hand each large activation
+fresh pages, which costs both sides a share of each step that varies from run to run.
 
     python benchmarks/bench_full_batch_sampler.py               # 5 repeats, 2 threads, 200 draws per chain
+    python benchmarks/bench_full_batch_sampler.py --malloc pinned   # glibc malloc's thresholds pinned
     python benchmarks/bench_full_batch_sampler.py --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
@@ -45,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.utils import quantiles, write_rows  # noqa: E402
+from benchmarks.utils import PINNED_MALLOC, quantiles, write_rows  # noqa: E402
 
 D_IN, HIDDEN, CLASSES, N_TRAIN, N_QUERY, CHAINS, RANK = 64, 128, 10, 1000, 200, 8, 32
 
@@ -203,8 +209,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--malloc", choices=["glibc", "pinned"], default="glibc",
+                    help="glibc's own malloc thresholds, or pinned (benchmarks.utils.PINNED_MALLOC: the process "
+                         "is started again with them in its environment); recorded as its own mode")  # fmt: skip
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    if args.malloc == "pinned" and any(os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_MALLOC})
+    mode = "baoab+mass,full-batch" + (",malloc-pinned" if args.malloc == "pinned" else "")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, train, query = problem(device)
@@ -223,21 +235,29 @@ def main() -> None:
     for fn in providers.values():  # warm-up: allocator, kernels, the mass's Lanczos
         fn()
     rates: dict[str, list[float]] = {name: [] for name in providers}
+    faults: dict[str, list[float]] = {name: [] for name in providers}
     for _ in range(args.repeats):
         for name, fn in providers.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             rates[name].append(fn())
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (CHAINS * args.draws))
     shape = f"lds digits at w*,mlp{D_IN}-{HIDDEN}-{CLASSES},n{N_TRAIN},q{N_QUERY},c{CHAINS},rank{RANK},calibrated"
     rows = []
-    print(f"{'provider':18s} chain-steps/s (p50 [p20, p80])   / reference (median of per-repeat ratios)")
+    print(f"{'provider':18s} chain-steps/s (p50 [p20, p80])   / reference (median of per-repeat ratios)"
+          "   page faults per chain-step")
     for name, values in rates.items():
         p50, p20, p80 = quantiles(values)
         ratio = statistics.median(v / r for v, r in zip(values, rates["reference"], strict=True))
-        print(f"{name:18s} {p50:8.0f} [{p20:.0f}, {p80:.0f}]   {ratio:.2f}x")
-        rows.append({"provider": name, "mode": "baoab+mass,full-batch", "shape": shape, "dtype": "float32",
+        print(f"{name:18s} {p50:8.0f} [{p20:.0f}, {p80:.0f}]   {ratio:.2f}x   {statistics.median(faults[name]):.0f}")
+        rows.append({"provider": name, "mode": mode, "shape": shape, "dtype": "float32",
                      "metric": "chain_steps_per_s", "unit": "1/s", "p50": p50, "p20": p20, "p80": p80,
                      "n_runs": len(values)})  # fmt: skip
+        f = statistics.median(faults[name])
+        rows.append({"provider": name, "mode": mode, "shape": shape, "dtype": "float32",
+                     "metric": "page_faults_per_chain_step", "unit": "count", "p50": f, "p20": f, "p80": f,
+                     "n_runs": len(values)})  # fmt: skip
         if name != "reference":
-            rows.append({"provider": name, "mode": "baoab+mass,full-batch", "shape": shape, "dtype": "float32",
+            rows.append({"provider": name, "mode": mode, "shape": shape, "dtype": "float32",
                          "metric": "ratio_vs_reference", "unit": "x", "p50": ratio, "p20": ratio, "p80": ratio,
                          "n_runs": len(values)})  # fmt: skip
     if not args.no_record:

@@ -287,6 +287,19 @@ ROWS: list[Row] = [
             "r": Key("reference", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
         },
     ),
+    Row(
+        op="full_batch_sampler",
+        dtype="float32",
+        what="the same with glibc malloc's thresholds pinned (`--malloc pinned`)",
+        bif_fast="{b:rate} (8 at once; one by one {o:rate})",
+        baseline="hand-written batched sampler (bmm, analytic backward): {r:rate}",
+        ratio="{b/r:x} (one by one {o/r:x})",
+        measures={
+            "b": Key("bif_fast_batched", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
+            "o": Key("bif_fast", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
+            "r": Key("reference", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
+        },
+    ),
 ]
 
 
