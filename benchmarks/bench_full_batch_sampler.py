@@ -28,9 +28,9 @@ Providers, interleaved in one process, medians over ``--repeats`` (each repeat r
   what the hand-written code gains from stepping the chains together.
 
 The ratio ``bif_fast / reference`` is the figure (above 1: bif_fast is faster). The minor page faults
-per chain-step are printed beside it: glibc's malloc, unless its thresholds are pinned
-(``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``), may hand each large activation
-fresh pages, which costs both sides a share of each step that varies from run to run.
+per chain-step are printed beside it: glibc's malloc may hand each large activation fresh pages until its
+adaptive thresholds have risen (``bif_fast.engine.host_memory``, which ``compute_bif`` runs before its
+first CPU run, so both sides here sample after it); ``--malloc pinned`` fixes them for the whole process.
 
     python benchmarks/bench_full_batch_sampler.py               # 5 repeats, 2 threads, 200 draws per chain
     python benchmarks/bench_full_batch_sampler.py --malloc pinned   # glibc malloc's thresholds pinned

@@ -25,6 +25,7 @@ from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal, run_id
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
 from bif_fast.engine.distributed import Ranks, RowShard
+from bif_fast.engine.host_memory import raise_glibc_malloc_thresholds
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.pool import Pool
@@ -77,6 +78,8 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
     the mass (computed on rank 0), and before the merge."""
     t_start = time.perf_counter()
     device = sampled[0].device
+    if device.type == "cpu":
+        raise_glibc_malloc_thresholds()
     ranks = Ranks.current()
     shard = RowShard.of(ranks, len(train), any_sharded(sampled)) if config.shard_rows and ranks.active else None
     with ModelState(model, sampled) as state:
