@@ -144,6 +144,24 @@ def _chains(provider: str, shapes: tuple[str, ...]) -> tuple[Key, ...]:
     return tuple(Key(provider, loss, shape) for shape in shapes for loss in CHAIN_LOSSES)
 
 
+def _sampler_row(mode: str, what: str) -> Row:
+    """A row of ``bench_full_batch_sampler.py`` in one malloc mode: the batched and one-by-one chains against
+    the hand-written batched reference."""
+    return Row(
+        op="full_batch_sampler",
+        dtype="float32",
+        what=what,
+        bif_fast="{b:rate} (8 at once; one by one {o:rate})",
+        baseline="hand-written batched sampler (bmm, analytic backward): {r:rate}",
+        ratio="{b/r:x} (one by one {o/r:x})",
+        measures={
+            "b": Key("bif_fast_batched", mode, SAMPLER, "chain_steps_per_s"),
+            "o": Key("bif_fast", mode, SAMPLER, "chain_steps_per_s"),
+            "r": Key("reference", mode, SAMPLER, "chain_steps_per_s"),
+        },
+    )
+
+
 ROWS: list[Row] = [
     Row(
         op="running_cov",
@@ -274,32 +292,10 @@ ROWS: list[Row] = [
             "o": tuple(Key("one_by_one", "calibrated,full-batch", s, "chain_steps_per_s") for s in CHAINS_CALIBRATED),
         },
     ),
-    Row(
-        op="full_batch_sampler",
-        dtype="float32",
-        what="the calibrated sampler (BAOAB, rank-32 mass, full batch), digits MLP at its minimum, 8 chains, {threads}",
-        bif_fast="{b:rate} (8 at once; one by one {o:rate})",
-        baseline="hand-written batched sampler (bmm, analytic backward): {r:rate}",
-        ratio="{b/r:x} (one by one {o/r:x})",
-        measures={
-            "b": Key("bif_fast_batched", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
-            "o": Key("bif_fast", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
-            "r": Key("reference", "baoab+mass,full-batch", SAMPLER, "chain_steps_per_s"),
-        },
-    ),
-    Row(
-        op="full_batch_sampler",
-        dtype="float32",
-        what="the same with glibc malloc's thresholds pinned (`--malloc pinned`)",
-        bif_fast="{b:rate} (8 at once; one by one {o:rate})",
-        baseline="hand-written batched sampler (bmm, analytic backward): {r:rate}",
-        ratio="{b/r:x} (one by one {o/r:x})",
-        measures={
-            "b": Key("bif_fast_batched", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
-            "o": Key("bif_fast", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
-            "r": Key("reference", "baoab+mass,full-batch,malloc-pinned", SAMPLER, "chain_steps_per_s"),
-        },
-    ),
+    _sampler_row("baoab+mass,full-batch", "the calibrated sampler (BAOAB, rank-32 mass, full batch), digits MLP at "
+                 "its minimum, 8 chains, {threads}"),
+    _sampler_row("baoab+mass,full-batch,malloc-pinned", "the same with glibc malloc's thresholds pinned "
+                 "(`--malloc pinned`)"),
 ]
 
 
