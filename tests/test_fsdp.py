@@ -80,7 +80,7 @@ def test_fsdp_sharded_sampling_is_the_unsharded_chain(tmp_path, world, name, dty
     distances = _steps(model, opt, x, y, slice(None), 1.0)
     start = _model(getattr(torch, dtype)).parameters()
     pairs = zip(model.parameters(), start, strict=True)
-    moved = sum(float((p.detach().double() - q.double()).abs().max()) for p, q in pairs)
+    moved = sum(float((p.detach().double() - q.detach().double()).abs().max()) for p, q in pairs)
     assert moved > 1e-2  # the chain went somewhere, so agreeing with it means something
     # Ranks given the same batch average equal gradients exactly (fp32 with two ranks; bf16 reduced in fp32),
     # so the chains agree bit for bit. A bf16 gradient summed from rows in another order moves a weight by
