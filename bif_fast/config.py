@@ -209,9 +209,10 @@ class BIFConfig:
         default=None,
         metadata=_help(
             "seconds the sampling may run (the draws of every chain, from the first chain's start): each group of "
-            "chains run together may use its share of the time left, and stops at its next draw past it (after at "
-            "least 2 draws); the first group stopped early sets the draws of every later one, so the chains keep "
-            "one length. diagnostics['time_limit'] says whether and where it stopped. Not applied (said there) "
+            "chains run together may use its share of the time left, and stops at its next draw past it (keeping "
+            "at least 2 draws, 3 with estimator='lag1'); the first group stopped early sets the draws of every "
+            "later one, so the chains keep one length. diagnostics['time_limit'] says whether and where it "
+            "stopped. Not applied (said there) "
             "with a checkpoint or inside a process group, whose runs are exact and reproducible. None: no limit. "
             "The calibrated defaults set the sampling time they planned"
         ),

@@ -449,7 +449,7 @@ class _DrawLoop:
         num_draws = config.num_draws if limit is None or limit.cap is None else min(config.num_draws, limit.cap)
         deadline = None if limit is None else limit.group_deadline()
         last = num_draws - 1  # the group's last draw (earlier where the time limit stops it)
-        first_stop = 2 if config.estimator == "lag1" else 1  # 2 draws (lag-1: 2 pairs) before a stop
+        first_stop = 2 if config.estimator == "lag1" else 1  # a stop keeps 2 draws (lag-1: 3, i.e. 2 pairs)
         accs = self.pool.chain_accumulators(c)
         chains.reset(ids)
         if resume is None:
