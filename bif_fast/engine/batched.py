@@ -143,7 +143,7 @@ class ChainBatch:
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         """Losses of every evaluation batch at the current weights of every chain: ``[C, B(, T)]`` each,
         float64 kept, anything else as float32 (as the sequential evaluation)."""
-        views = self._views(self.param.detach()[: self.c])
+        views = self._views(self.param[: self.c])
         outs = []
         with torch.no_grad():
             for batch in batches:
@@ -199,17 +199,17 @@ class ChainBatch:
         with torch.no_grad():
             if self.mass is not None:
                 c = self.c
-                mass_steps_(self.backend, self.master[:c].detach(), self.grad[:c], self.anchor, self.state[:c],
+                mass_steps_(self.backend, self.master[:c], self.grad[:c], self.anchor, self.state[:c],
                             config=self.config, mass=self.mass, seed=self.seed, chains=self.chains,
                             step=self.num_steps, noise=self.noise[:c], diverged=self.diverged_flags[:c])  # fmt: skip
                 self.num_steps += 1
                 return
             c = self.c
             sgld_update_rows_resolved_(
-                self.backend, self.master[:c].detach(), self.grad[:c], self.anchor,
+                self.backend, self.master[:c], self.grad[:c], self.anchor,
                 None if self.state is None else self.state[:c], config=self.config, seed=self.seed,
                 chains=self.chains, step=self.num_steps,
-                out=None if self.master is self.param else self.param[:c].detach(), diverged=self.diverged_flags[:c],
+                out=None if self.master is self.param else self.param[:c], diverged=self.diverged_flags[:c],
             )  # fmt: skip
         self.num_steps += 1
 
@@ -217,7 +217,7 @@ class ChainBatch:
         """The running chains' position (live references, rows ``[: c]``): weights, fp32 master, sampler
         state, divergence flags, and the step counter that keys the next step's noise."""
         c = self.c
-        out = {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64), "param": self.param.detach()[:c],
+        out = {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64), "param": self.param[:c],
                "diverged": self.diverged_flags[:c]}  # fmt: skip
         if self.master is not self.param:
             out["master"] = self.master[:c]
@@ -236,7 +236,7 @@ class ChainBatch:
     def distance(self) -> torch.Tensor:
         """``[C]`` ||w - w*|| of each chain (no sync)."""
         with torch.no_grad():
-            return torch.linalg.vector_norm(self.master[: self.c].detach() - self.anchor.float(), dim=1)
+            return torch.linalg.vector_norm(self.master[: self.c] - self.anchor.float(), dim=1)
 
     def diverged(self) -> list[bool]:
         """Which chains produced a NaN/Inf weight (one read from the device)."""
