@@ -86,6 +86,8 @@ MASS_RANK = 32
 MASS_BYTES = 1 << 30  # Lanczos basis budget; above it the sampler runs with unit mass
 PILOT_CHAINS, PILOT_DRAWS, MIN_PILOT_DRAWS = 4, 60, 20
 FINAL_CHAINS, MIN_DRAWS, MAX_DRAWS = 8, 100, 20000
+FINAL_CAPTURE = True  # the final run and its speed trial replay traced graphs (BIFConfig.capture): the final
+# run takes thousands of steps, and the trial must run at the final run's speed
 LIMIT_SLACK = 1.5  # the final run's time limit over the estimated time of MIN_DRAWS draws
 TRIAL_SHARE, MIN_TRIAL_DRAWS, MAX_TRIAL_DRAWS = 0.03, 8, 200  # the final shape's speed trial: its share of the
 # sampling time (a trial of tens of milliseconds misjudged the speed by 30%) and its bounds in draws
@@ -307,10 +309,11 @@ class _Search:
         self.runs += 1
         return None if any(d["diverged"]) else out.bif
 
-    def _short_run(self, sgld: SGLDConfig, mass: LowRankMass | None, chains: int, draws: int, seed: int):
+    def _short_run(self, sgld: SGLDConfig, mass: LowRankMass | None, chains: int, draws: int, seed: int,
+                   capture: bool | str = "auto"):  # fmt: skip
         """A full-batch run of these settings: (its config, its result or None when it raised BIFError)."""
         cfg = BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, batch_size="full", eval_batch_size=EVAL_BATCH,
-                        compute_stderr=False, seed=seed, max_excursion=self.max_excursion)  # fmt: skip
+                        compute_stderr=False, seed=seed, max_excursion=self.max_excursion, capture=capture)  # fmt: skip
         try:
             return cfg, run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
                                 per_token=self.per_token, sgld_source=self.train, backend=self.backend,
@@ -388,7 +391,7 @@ class _Search:
         chain-step than eight at once under vmap), or the pilots' figures where the trial fails."""
         per_step, overhead = self.speed()
         draws = int(min(MAX_TRIAL_DRAWS, max(MIN_TRIAL_DRAWS, seconds / max(per_step * FINAL_CHAINS, 1e-9))))
-        _, out = self._short_run(sgld, mass, FINAL_CHAINS, draws, self.seed)
+        _, out = self._short_run(sgld, mass, FINAL_CHAINS, draws, self.seed, capture=FINAL_CAPTURE)
         if out is None:
             return per_step, overhead
         d = out.diagnostics
@@ -439,5 +442,5 @@ class _Search:
                     best["damping"], sgld.lr, FINAL_CHAINS, draws, calibration["seconds"])  # fmt: skip
         config = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
                            eval_batch_size=EVAL_BATCH, seed=self.seed, max_excursion=self.max_excursion,
-                           time_limit=time_limit, calibration=calibration)  # fmt: skip
+                           time_limit=time_limit, capture=FINAL_CAPTURE, calibration=calibration)  # fmt: skip
         return Calibrated(config, mass)

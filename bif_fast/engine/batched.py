@@ -10,7 +10,10 @@ same schedule).
 The weights of chain i are row i of one ``[C, N]`` buffer; each sampled parameter is a ``[C, *shape]``
 view of it, passed to ``functional_call`` under ``vmap``. One vmapped forward (and backward, for an
 SGLD step) serves all C chains, which amortises the per-call costs that dominate small models (kernel
-launches on a GPU, framework dispatch on a CPU); the sampler update is one fused launch per chain.
+launches on a GPU, framework dispatch on a CPU); the sampler update is one fused launch per chain. With
+graph capture (``capture_off=None``) the full-batch gradient and the evaluations, which see the same
+batches at every step, are traced once and replayed as straight-line ATen graphs (``engine.capture``),
+without vmap's and autograd's per-op overhead.
 
 Models that vmap cannot run unchanged (data-dependent Python control flow, ``.item()``, in-place
 updates of buffers in train mode such as BatchNorm statistics, dropout in train mode, custom autograd
@@ -26,6 +29,7 @@ import torch
 
 from bif_fast._backend import ResolvedBackend
 from bif_fast.config import SGLDConfig
+from bif_fast.engine.capture import GraphCache
 from bif_fast.engine.data import leading_dims
 from bif_fast.engine.mass import LowRankMass, init_mass_velocity_, mass_steps_
 from bif_fast.engine.units import LossModule, full_batch_term, loss_module_names
@@ -47,13 +51,16 @@ class ChainBatch:
         size (int): the largest number of chains run at once.
         backend (str): resolved sampler backend (``triton`` | ``ext`` | ``torch``).
         per_token (bool): per-token losses (SGLD loss = mean over the declared positions, per chain).
+        mass (LowRankMass | None): the curvature mass of a kinetic sampler, or None.
+        capture_off (str | None): None replays the full-batch gradient and the evaluations as traced
+            graphs (``engine.capture``); otherwise why not (run eagerly). Default: "off".
 
     Raises:
         ValueError: parameters of several dtypes, or a parameter that is not part of ``model``.
     """
 
     def __init__(self, model, params, loss_fn, config: SGLDConfig, *, seed: int, size: int, backend: ResolvedBackend,
-                 per_token: bool, mass: LowRankMass | None = None):  # fmt: skip
+                 per_token: bool, mass: LowRankMass | None = None, capture_off: str | None = "off"):  # fmt: skip
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"batched chains need one parameter dtype, got {sorted(map(str, dtypes))}")
@@ -75,7 +82,8 @@ class ChainBatch:
         self.param = self.anchor.expand(size, total).clone()
         self.master = self.param if self.dtype == torch.float32 else self.param.float()
         self.grad = torch.zeros(size, total, dtype=self.dtype, device=self.device)
-        self._leaves: dict[int, list[torch.Tensor]] = {}  # chains -> per-parameter leaf views of param[:c]
+        self._views_of: dict[int, list[torch.Tensor]] = {}  # chains -> per-parameter views of param[:c]
+        self.graphs = GraphCache(capture_off)
         self.state = torch.zeros(size, total, device=self.device) if config.needs_state else None
         self.diverged_flags = torch.zeros(size, dtype=torch.int32, device=self.device)
         self.mass = mass
@@ -112,19 +120,21 @@ class ChainBatch:
         return [rows[:, s : s + int(torch.Size(shape).numel())].view(c, *shape)
                 for s, shape in zip(self.starts, self.shapes, strict=True)]  # fmt: skip
 
-    def _views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self._split(rows), strict=True))
+    def _param_views(self) -> list[torch.Tensor]:
+        """The running chains' parameters, one ``[c, *shape]`` view of ``param[:c]`` per parameter.
 
-    def _grad_inputs(self) -> list[torch.Tensor]:
-        """The running chains' parameters as one leaf per parameter, views of ``param[:c]``.
-
-        Differentiating with respect to these leaves (``torch.autograd.grad``) gives each parameter's
-        ``[c, *shape]`` gradient as the backward produces it; views of one ``[c, N]`` leaf would make the
-        backward scatter every parameter's gradient into a zero-filled ``[c, N]`` tensor and sum them."""
+        Gradients are taken with respect to detached copies of these, one leaf per parameter
+        (``torch.autograd.grad``), so the backward hands over each parameter's ``[c, *shape]`` gradient as
+        it produces it; views of one ``[c, N]`` leaf would make it scatter every parameter's gradient into
+        a zero-filled ``[c, N]`` tensor and sum them."""
         c = self.c
-        if c not in self._leaves:
-            self._leaves[c] = [v.requires_grad_(True) for v in self._split(self.param[:c])]
-        return self._leaves[c]
+        if c not in self._views_of:
+            self._views_of[c] = self._split(self.param[:c])
+        return self._views_of[c]
+
+    def _graph_key(self) -> tuple:
+        """What a captured graph of this batch bakes in besides the batch: the chain count, the model's mode."""
+        return (self.c, self.wrapper.model.training)
 
     def _store_grads(self, grads: tuple[torch.Tensor | None, ...], accumulate: bool) -> None:
         """Write (or add) per-parameter gradients into ``grad[:c]``; a parameter the loss does not touch
@@ -143,13 +153,15 @@ class ChainBatch:
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         """Losses of every evaluation batch at the current weights of every chain: ``[C, B(, T)]`` each,
         float64 kept, anything else as float32 (as the sequential evaluation)."""
-        views = self._views(self.param[: self.c])
-        outs = []
-        with torch.no_grad():
-            for batch in batches:
-                out = self._eval_fn(views, batch)
-                outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
+        views, outs = self._param_views(), []
+        for batch in batches:
+            out = self.graphs.call("evaluate", batch, self._graph_key(), self._evaluate_one, views, batch)
+            outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         return outs
+
+    def _evaluate_one(self, views: list[torch.Tensor], batch: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self._eval_fn(dict(zip(self.names, views, strict=True)), batch)
 
     def _call(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return torch.func.functional_call(self.wrapper, params, (batch,))
@@ -158,12 +170,12 @@ class ChainBatch:
         return torch.func.functional_call(self.wrapper, params, (batch, True))
 
     def gradient(self, batch: Any) -> torch.Tensor:
-        """Gradients of each chain's mean minibatch loss, ``[C, N]`` (``batch`` stacked, one per chain)."""
-        leaves = self._grad_inputs()
+        """Gradients of each chain's mean minibatch loss, ``[C, N]`` (``batch`` stacked, one per chain).
+        Not captured: the minibatches change from step to step."""
+        leaves = [v.detach().requires_grad_(True) for v in self._param_views()]
         with torch.enable_grad():
             views = dict(zip(self.names, leaves, strict=True))
             losses = torch.func.vmap(self._minibatch, in_dims=(0, leading_dims(batch)))(views, batch)  # [C]
-            # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         self._store_grads(grads, accumulate=False)
         return self.grad[: self.c]
@@ -171,19 +183,25 @@ class ChainBatch:
     def full_gradient(self, batches: list, count: int) -> list[torch.Tensor]:
         """Gradients (into ``self.grad``) of each chain's mean loss over ``batches`` (``count`` units in all),
         and the losses of its forward, ``[C, B(, T)]`` per batch (float32, or float64 kept)."""
-        leaves = self._grad_inputs()
-        outs = []
-        with torch.enable_grad():
-            for i, batch in enumerate(batches):
-                views = dict(zip(self.names, leaves, strict=True))
-                out, total = torch.func.vmap(self._full_term, in_dims=(0, None, None))(views, batch, count)
-                grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-                self._store_grads(grads, accumulate=i > 0)
-                out = out.detach()
-                outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
+        views, outs = self._param_views(), []
+        for i, batch in enumerate(batches):
+            out, grads = self.graphs.call("full_gradient", batch, (*self._graph_key(), count), self._full_gradient_one,
+                                          views, batch, count)  # fmt: skip
+            self._store_grads(grads, accumulate=i > 0)
+            outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         if not batches:
             self.grad[: self.c].zero_()
         return outs
+
+    def _full_gradient_one(self, views: list[torch.Tensor], batch: Any, count: int) -> tuple[torch.Tensor, tuple]:
+        """(losses ``[C, B(, T)]``, per-parameter gradients of each chain's share of the full-batch loss)."""
+        leaves = [v.detach().requires_grad_(True) for v in views]
+        with torch.enable_grad():
+            params = dict(zip(self.names, leaves, strict=True))
+            out, total = torch.func.vmap(self._full_term, in_dims=(0, None, None))(params, batch, count)
+            # chains are independent: d(sum_c L_c)/dw_c = dL_c/dw_c
+            grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+        return out.detach(), grads
 
     def _full_term(self, params: dict[str, torch.Tensor], batch: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         out, mask = torch.func.functional_call(self.wrapper, params, (batch,), {"with_mask": True})

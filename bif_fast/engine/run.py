@@ -610,6 +610,7 @@ def _diagnostics(sides: list[EvalSet], pool: Pool, traces: _Traces, config: BIFC
         "seconds": time.perf_counter() - t_start,
         "sampler_backend": opt.resolved_backend,
         "chain_batch": chains.size,
+        "capture": chains.capture_status(),
         "cov_dtype": str(cov_dtype).removeprefix("torch."),
         "chain_state": pool.chain_state,  # a running chain's co-moment, or its draws (engine.pool)
         "estimator": config.estimator,
