@@ -21,6 +21,7 @@ step bench_sgld_update 300 python benchmarks/bench_sgld_update.py --device cuda 
 step bench_cross_entropy 300 python benchmarks/bench_cross_entropy.py --device cuda --repeats 3 --inner 5
 step bench_running_cov 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3
 step bench_chain_batch 120 python benchmarks/bench_chain_batch.py --device cuda --repeats 3 --draws 50
+step bench_full_batch_sampler 150 python benchmarks/bench_full_batch_sampler.py --device cuda --repeats 3 --draws 100
 BIF_FAST_COV_FUSED=1 step bench_running_cov_fused 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3 --providers bif_fast,devinterp-style
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 echo "results in $OUT"

@@ -301,3 +301,15 @@ def test_an_interrupted_captured_run_resumes_to_exactly_the_uninterrupted_result
     resumed = compute_bif(model, train, query, loss_fn=_ce, config=cfg, checkpoint=tmp_path)
     assert resumed.diagnostics["capture"]["enabled"]
     assert torch.equal(whole.bif, resumed.bif) and torch.equal(whole.stderr, resumed.stderr)
+
+
+@pytest.mark.cuda
+def test_captured_run_on_cuda_equals_the_eager_run():
+    """On a GPU the graphs keep ATen's softmax kernels (the decomposition is for CPU) and still replay."""
+    model, train, query = _classifier()
+    model = model.cuda()
+    train, query = (TensorDataset(*(t.cuda() for t in ds.tensors)) for ds in (train, query))
+    on = compute_bif(model, train, query, loss_fn=_ce, config=_config(capture=True))
+    off = compute_bif(model, train, query, loss_fn=_ce, config=_config(capture=False))
+    assert on.diagnostics["capture"]["enabled"] and on.bif.is_cuda
+    torch.testing.assert_close(on.bif, off.bif, rtol=1e-4, atol=1e-4 * float(off.bif.abs().max()))
