@@ -317,7 +317,10 @@ def _mem(mb: float) -> tuple[str, str]:
 
 
 def _times(ratio: float) -> tuple[str, str]:
-    return (f"{ratio:,.0f}" if abs(ratio) >= 100 else f"{ratio:.1f}"), "×"
+    """Two significant digits below 1 (0.95×, not a rounded-up 1.0×), one decimal up to 100, none above."""
+    if abs(ratio) >= 100:
+        return f"{ratio:,.0f}", "×"
+    return (f"{ratio:.1f}" if abs(ratio) >= 1 else f"{ratio:.2f}"), "×"
 
 
 def _overhead(ratio: float) -> tuple[str, str]:
