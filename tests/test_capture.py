@@ -5,6 +5,8 @@ capture off, the closed-form Gaussian BIF, and an interrupted run's resumption."
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from bif_fast import BIFConfig, SGLDConfig, compute_bif
 from bif_fast.engine import batched
 from bif_fast.engine.capture import SMALL_SOFTMAX, GraphCache, decompositions, simplify
 from bif_fast.engine.chains import CAPTURE_MIN_STEPS, capture_wanted
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_chain_batch import _ce, _mlp_problem  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -164,19 +169,6 @@ def test_auto_captures_from_the_stated_number_of_steps():
         BIFConfig(capture="yes")
 
 
-def _classifier(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    x = torch.randn(41, 4, generator=g)
-    y = torch.randint(0, 3, (41,), generator=g)
-    return model, TensorDataset(x[:29], y[:29]), TensorDataset(x[29:], y[29:])
-
-
-def _ce(model, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-
-
 def _config(**kw) -> BIFConfig:
     sgld = SGLDConfig(lr=2e-3, nbeta=30.0, localization=30.0, sampler="baoab", friction=4.0)
     base = dict(sgld=sgld, num_chains=5, num_draws=40, batch_size="full", chain_batch=3, eval_batch_size=16, seed=2)
@@ -185,11 +177,9 @@ def _config(**kw) -> BIFConfig:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_captured_run_equals_the_eager_run_up_to_rounding(dtype):
-    """Five chains in groups of three and two (a graph per chain count), two evaluation batches per side,
+    """Five chains in groups of three and two (a graph per chain count), three training batches of 16,
     cross-entropy over three classes (the decomposed log-softmax)."""
-    model, train, query = _classifier()
-    model = model.to(dtype)
-    train, query = (TensorDataset(ds.tensors[0].to(dtype), ds.tensors[1]) for ds in (train, query))
+    model, train, query = _mlp_problem(dtype)
     on = compute_bif(model, train, query, loss_fn=_ce, config=_config(capture=True))
     off = compute_bif(model, train, query, loss_fn=_ce, config=_config(capture=False))
     cap = on.diagnostics["capture"]
@@ -220,13 +210,13 @@ def test_captured_per_token_run_equals_the_eager_run():
 
 
 def test_sequential_chains_say_they_do_not_capture():
-    model, train, query = _classifier()
+    model, train, query = _mlp_problem(torch.float32)
     res = compute_bif(model, train, query, loss_fn=_ce, config=_config(chain_batch=1, capture=True))
     assert res.diagnostics["capture"] == {"enabled": False, "reason": "chains run one by one"}
 
 
 def test_every_gradient_element_is_written_by_the_replayed_graph():
-    model, train, _ = _classifier()
+    model, train, _ = _mlp_problem(torch.float32)
     params = list(model.parameters())
     batch = batched.ChainBatch(model, params, _ce, _config().sgld, seed=0, size=3, backend="torch", per_token=False,
                                capture_off=None)  # fmt: skip
@@ -238,11 +228,11 @@ def test_every_gradient_element_is_written_by_the_replayed_graph():
                                per_token=False)  # fmt: skip
     eager.reset([0, 1, 2])
     eager.param.copy_(batch.param)
-    want_losses = eager.full_gradient(data, 29)[0]
+    want_losses = eager.full_gradient(data, 47)[0]
     want = eager.grad.clone()
     for _ in range(2):  # the traced call, then a replay
         batch.grad.fill_(float("nan"))
-        losses = batch.full_gradient(data, 29)[0]
+        losses = batch.full_gradient(data, 47)[0]
         assert bool(torch.isfinite(batch.grad).all())
         torch.testing.assert_close(batch.grad, want, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
@@ -283,7 +273,7 @@ def test_captured_run_matches_the_closed_form_gaussian_bif():
 def test_an_interrupted_captured_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, monkeypatch):
     """The loss function runs only while tracing, so the run is interrupted inside the sampler update."""
     monkeypatch.setenv("BIF_FAST_CHECKPOINT_SECONDS", "0")
-    model, train, query = _classifier()
+    model, train, query = _mlp_problem(torch.float32)
     cfg = _config(capture=True, draws_per_update=4)
     whole = compute_bif(model, train, query, loss_fn=_ce, config=cfg)
     update, calls = batched.ChainBatch.update, [0]
@@ -306,7 +296,7 @@ def test_an_interrupted_captured_run_resumes_to_exactly_the_uninterrupted_result
 @pytest.mark.cuda
 def test_captured_run_on_cuda_equals_the_eager_run():
     """On a GPU the graphs keep ATen's softmax kernels (the decomposition is for CPU) and still replay."""
-    model, train, query = _classifier()
+    model, train, query = _mlp_problem(torch.float32)
     model = model.cuda()
     train, query = (TensorDataset(*(t.cuda() for t in ds.tensors)) for ds in (train, query))
     on = compute_bif(model, train, query, loss_fn=_ce, config=_config(capture=True))
