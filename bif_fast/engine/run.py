@@ -562,7 +562,7 @@ def escaped_chains(mean_train_loss: torch.Tensor, at_w_star: float, factor: floa
         ref_spread = max(ref_spread, 1e-6 * abs(at_w_star), 1e-12)
         excess = (float(row.max()) - ref_level) / ref_spread
         if excess > factor:
-            out.append(f"mean training loss rose {float(row.max()):.3g} above w*'s, {excess:.0f} spreads "
+            out.append(f"mean training loss rose {float(row.max()):.3g} above w*'s, {excess:.3g} spreads "
                        f"({ref_spread:.2g}) above its typical {ref_level:.3g}")  # fmt: skip
         else:
             out.append(None)
