@@ -284,8 +284,9 @@ class BatchedChains:
 # parameters, 0.6-0.9x at 3,716, where vmap's batched cross-entropy is slow), so a CPU run with minibatch
 # gradients is batched when parameters x evaluation rows <= _AUTO_BATCH_CPU_WORK. With full-batch gradients
 # (the calibrated defaults) the matrix products are large enough for the batched ones to pay: 1.07-2.1x on
-# the five LDS settings at their calibrated settings (385-9,610 parameters, 320-1,200 rows, 2 threads), so
-# the bound there is _AUTO_BATCH_CPU_FULL_WORK. The rule is deterministic, so the same call always takes
+# the five LDS settings at their calibrated settings (385-9,610 parameters, 320-1,200 rows, 2 threads), and
+# 1.5-5.1x once the batched steps replay captured graphs (capture, below), so the bound there is
+# _AUTO_BATCH_CPU_FULL_WORK. The rule is deterministic, so the same call always takes
 # the same path (the paths agree only up to rounding).
 _AUTO_BATCH_MAX_PARAMS = 1 << 22
 _AUTO_BATCH_ACC_BYTES = 2 << 30
