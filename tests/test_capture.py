@@ -54,8 +54,10 @@ def test_decompositions_match_aten_forward_and_backward_in_float64(op, shape, di
     assert (kernel not in _targets(graph)) == decomposed  # dimensions of 16 or more keep ATen's kernel
 
 
-def test_decompositions_leave_other_devices_and_half_to_float_to_aten():
-    x = torch.randn(4, 3, dtype=torch.float64, device="meta")
+@pytest.mark.parametrize(("device", "dtype"),
+                         [("meta", torch.float64), ("cpu", torch.bfloat16), ("cpu", torch.float16)])  # fmt: skip
+def test_decompositions_leave_other_devices_and_16_bit_dtypes_to_aten(device, dtype):
+    x = torch.randn(4, 3, dtype=dtype, device=device)
     graph = make_fx(lambda x: torch.log_softmax(x, -1), decomposition_table=decompositions())(x)
     assert aten._log_softmax.default in _targets(graph)
 
@@ -93,6 +95,15 @@ def test_simplify_drops_identities_fuses_biases_and_keeps_the_values():
     torch.testing.assert_close(got[0], want[0], rtol=1e-13, atol=1e-13)
     for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_simplify_keeps_a_16_bit_bias_add_apart():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 5, generator=g).bfloat16()
+    params = [torch.randn(s, generator=g).bfloat16() for s in ((3, 7, 5), (3, 7), (3, 2, 7), (3, 2))]
+    graph = make_fx(_vmapped_linear(x))(*params)
+    simplify(graph)
+    assert aten.baddbmm.default not in _targets(graph) and aten.detach.default not in _targets(graph)
 
 
 def test_simplify_leaves_a_product_used_twice_alone():
