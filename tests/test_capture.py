@@ -161,6 +161,37 @@ def test_graph_cache_falls_back_to_eager_calls_and_says_why(fn, why):
     assert fn.calls == calls + 1  # eager from then on
 
 
+def test_graph_cache_checks_a_new_graph_away_from_the_point_it_was_traced_at():
+    """A graph that mixes up the chains (here: the traced call, the cache's second, reads row 0 for every
+    row, as a faulty rewrite would) agrees with the eager call at w*, where the rows are equal, and is
+    caught at the perturbed point."""
+    calls = [0]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return (x[:1].expand_as(x) if calls[0] == 2 else x).exp()
+
+    x = torch.ones(3, 4)
+    spread = lambda args: (args[0] + torch.arange(3.0)[:, None],)  # noqa: E731
+    cache = GraphCache(None)
+    torch.testing.assert_close(cache.call("f", x, (), rows, x, perturbed=spread), x.exp())
+    status = cache.status()
+    assert not status["enabled"] and "at perturbed weights" in status["reason"]
+    calls[0] = 0
+    lenient = GraphCache(None)  # without the perturbed check the faulty graph is kept
+    lenient.call("f", x, (), rows, x)
+    assert lenient.status()["enabled"]
+
+
+def test_data_dependent_control_flow_is_not_traced():
+    def branchy(x: torch.Tensor) -> torch.Tensor:
+        return x.exp() if bool(x.sum() > 0) else -x
+
+    cache, x = GraphCache(None), torch.rand(4, 2)
+    torch.testing.assert_close(cache.call("f", x, (), branchy, x), x.exp())
+    assert not cache.status()["enabled"] and "data-dependent" in cache.status()["reason"]
+
+
 def test_capture_off_runs_every_call_eagerly():
     fn, cache = _Counted(), GraphCache("BIFConfig.capture=False")
     x = torch.randn(3, 2)

@@ -132,6 +132,18 @@ class ChainBatch:
             self._views_of[c] = self._split(self.param[:c])
         return self._views_of[c]
 
+    @staticmethod
+    def _perturbed(args: tuple) -> tuple:
+        """``args`` with every chain's weights moved apart, for checking a new graph away from w*: each
+        parameter plus 1% of its largest magnitude times fixed standard normal noise, different per chain."""
+        views, *rest = args
+        g = torch.Generator().manual_seed(0x5EED)
+        moved = []
+        for v in views:
+            noise = torch.randn(v.shape, generator=g, dtype=torch.float32).to(device=v.device, dtype=v.dtype)
+            moved.append(v + noise * (0.01 * v.detach().abs().amax().clamp_min(1e-3)))
+        return (moved, *rest)
+
     def _graph_key(self) -> tuple:
         """What a captured graph of this batch bakes in besides the batch: the chain count, the model's mode."""
         return (self.c, self.wrapper.model.training)
@@ -155,7 +167,8 @@ class ChainBatch:
         float64 kept, anything else as float32 (as the sequential evaluation)."""
         views, outs = self._param_views(), []
         for batch in batches:
-            out = self.graphs.call("evaluate", batch, self._graph_key(), self._evaluate_one, views, batch)
+            out = self.graphs.call("evaluate", batch, self._graph_key(), self._evaluate_one, views, batch,
+                                   perturbed=self._perturbed)  # fmt: skip
             outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         return outs
 
@@ -186,7 +199,7 @@ class ChainBatch:
         views, outs = self._param_views(), []
         for i, batch in enumerate(batches):
             out, grads = self.graphs.call("full_gradient", batch, (*self._graph_key(), count), self._full_gradient_one,
-                                          views, batch, count)  # fmt: skip
+                                          views, batch, count, perturbed=self._perturbed)  # fmt: skip
             self._store_grads(grads, accumulate=i > 0)
             outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         if not batches:

@@ -171,8 +171,13 @@ def _mismatch(got: Any, want: Any) -> str | None:
             if not torch.equal(g, w):
                 return f"output {i} differs"
             continue
-        scale = float(w.abs().max()) if w.numel() else 0.0
-        err = float((g - w).abs().max()) if w.numel() else 0.0
+        if not torch.equal(g.isnan(), w.isnan()) or not torch.equal(g.isinf() & (g > 0), w.isinf() & (w > 0)):
+            return f"output {i} has NaN/Inf elsewhere"
+        finite = w.isfinite()
+        if not bool(finite.any()):
+            continue
+        scale = float(w[finite].abs().max())
+        err = float((g[finite] - w[finite]).abs().max())
         if not err <= min(TOLERANCE_EPS * torch.finfo(w.dtype).eps, MAX_TOLERANCE) * max(scale, 1e-30):
             return f"output {i} differs by {err:.3g} (scale {scale:.3g})"
     return None
@@ -192,11 +197,15 @@ class GraphCache:
         self.trace_seconds = 0.0
         self.replays = 0
 
-    def call(self, kind: str, batch: Any, key: tuple, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(self, kind: str, batch: Any, key: tuple, fn: Callable[..., Any], *args: Any,
+             perturbed: Callable[[tuple], tuple] | None = None) -> Any:  # fmt: skip
         """``fn(*args)``, through the graph of (``kind``, ``batch``, ``key``) where capture is on.
 
         ``batch`` is the batch object ``fn`` reads (among ``args`` or not): a graph is reused only for that
         very object. ``key`` holds what else the graph bakes in (e.g. the chain count, the model's mode).
+        ``perturbed(args)``: other arguments the new graph is checked at as well (a chain batch's first call
+        comes at w*, where every chain's weights are the same: a graph that mixed up the chains would pass
+        there; fixed, so the check decides alike in every run).
         """
         if not self.enabled:
             return fn(*args)
@@ -205,9 +214,10 @@ class GraphCache:
             self.replays += 1
             with torch.no_grad():
                 return entry[1](*args)
-        return self._trace(kind, batch, key, fn, args)
+        return self._trace(kind, batch, key, fn, args, perturbed)
 
-    def _trace(self, kind: str, batch: Any, key: tuple, fn: Callable[..., Any], args: tuple) -> Any:
+    def _trace(self, kind: str, batch: Any, key: tuple, fn: Callable[..., Any], args: tuple,
+               perturbed: Callable[[tuple], tuple] | None) -> Any:  # fmt: skip
         from torch.fx.experimental.proxy_tensor import make_fx
 
         want = fn(*args)
@@ -219,6 +229,11 @@ class GraphCache:
             with torch.no_grad():
                 got = graph(*args)
             why = _mismatch(got, want)
+            if why is None and perturbed is not None:
+                other = perturbed(args)
+                with torch.no_grad():
+                    why = _mismatch(graph(*other), fn(*other))
+                why = None if why is None else f"at perturbed weights, {why}"
         except Exception as exc:  # a model make_fx cannot trace runs eagerly, as it did before
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         self.trace_seconds += time.perf_counter() - t0
