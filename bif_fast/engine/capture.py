@@ -39,15 +39,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["SMALL_SOFTMAX", "TOLERANCE_EPS", "GraphCache", "decompositions", "simplify"]
+__all__ = ["MAX_TOLERANCE", "SMALL_SOFTMAX", "TOLERANCE_EPS", "GraphCache", "decompositions", "simplify"]
 
 logger = logging.getLogger("bif_fast")
 
 SMALL_SOFTMAX = 16  # below this many elements in the reduced dimension, CPU (log_)softmax is decomposed
 TOLERANCE_EPS = 1000.0  # a graph's outputs may differ from the eager call's by this many epsilons (relative),
 MAX_TOLERANCE = 1e-2  # and at most by this (a bfloat16 graph runs the eager ops unchanged: rounding noise only)
-
-
 _EXACT_DTYPES = (torch.float32, torch.float64)  # rewrites that round differently are kept to these dtypes
 
 
