@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from bif_fast import BIFConfig, SGLDConfig, compute_bif
 from bif_fast.engine import batched
 from bif_fast.engine.capture import SMALL_SOFTMAX, GraphCache, decompositions, simplify
-from bif_fast.engine.chains import CAPTURE_MIN_STEPS, capture_wanted
+from bif_fast.engine.chains import CAPTURE_MIN_STEPS, capture_off_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_chain_batch import _ce, _mlp_problem  # noqa: E402
@@ -203,10 +203,10 @@ def test_capture_off_runs_every_call_eagerly():
 
 def test_auto_captures_from_the_stated_number_of_steps():
     base = BIFConfig(num_draws=CAPTURE_MIN_STEPS, batch_size="full")
-    assert capture_wanted(base) is None
-    assert "fewer than" in capture_wanted(dataclasses.replace(base, num_draws=CAPTURE_MIN_STEPS - 1))
-    assert capture_wanted(dataclasses.replace(base, num_draws=CAPTURE_MIN_STEPS - 1, capture=True)) is None
-    assert capture_wanted(dataclasses.replace(base, capture=False)) == "BIFConfig.capture=False"
+    assert capture_off_reason(base) is None
+    assert "fewer than" in capture_off_reason(dataclasses.replace(base, num_draws=CAPTURE_MIN_STEPS - 1))
+    assert capture_off_reason(dataclasses.replace(base, num_draws=CAPTURE_MIN_STEPS - 1, capture=True)) is None
+    assert capture_off_reason(dataclasses.replace(base, capture=False)) == "BIFConfig.capture=False"
     with pytest.raises(ValueError, match="capture"):
         BIFConfig(capture="yes")
 

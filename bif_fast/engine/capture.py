@@ -89,14 +89,20 @@ def decompositions() -> dict:
             aten._softmax.default: _softmax, aten._softmax_backward_data.default: _softmax_backward}  # fmt: skip
 
 
-def _shape(node: Any) -> tuple | None:
+def _val(node: Any) -> torch.Tensor | None:
+    """The (fake) tensor a traced node stands for, or None (a constant, a non-tensor result)."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _shape(node: Any) -> tuple | None:
+    val = _val(node)
+    return None if val is None else tuple(val.shape)
 
 
 def _dtype(node: Any) -> torch.dtype | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    val = _val(node)
+    return None if val is None else val.dtype
 
 
 def _is_identity(node: torch.fx.Node) -> bool:

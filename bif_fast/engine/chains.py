@@ -33,7 +33,7 @@ __all__ = [
     "Chains",
     "FullBatch",
     "SequentialChains",
-    "capture_wanted",
+    "capture_off_reason",
     "chain_batch_size",
     "make_chains",
 ]
@@ -298,7 +298,7 @@ _AUTO_BATCH_CPU_FULL_WORK = 1 << 24
 CAPTURE_MIN_STEPS = 150
 
 
-def capture_wanted(config: BIFConfig) -> str | None:
+def capture_off_reason(config: BIFConfig) -> str | None:
     """Why batched chains do not capture graphs under ``config.capture`` (None: they do). 'auto' follows
     the rule above, deterministic, so a resumed run takes the same path as the run it continues."""
     if config.capture != "auto":
@@ -353,7 +353,7 @@ def _try_chain_batch(run: _Run, opt: SGLD, size: int, checks) -> tuple[ChainBatc
         try:
             batch = ChainBatch(run.model, opt.params, run.loss_fn, run.config.sgld, seed=run.config.seed, size=size,
                                backend=opt.resolved_backend, per_token=run.per_token, mass=opt.mass,
-                               capture_off=capture_wanted(run.config))  # fmt: skip
+                               capture_off=capture_off_reason(run.config))  # fmt: skip
             batch.reset(list(range(size)))
             run.state.eval_mode()
             for batches, units, ref in checks:
