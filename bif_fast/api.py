@@ -107,7 +107,7 @@ def compute_bif(
                          "config=BIFConfig(..., shard_rows=True) (the calibrated defaults, config=None, run on "
                          "rank 0 alone, which cannot run a sharded model)")  # fmt: skip
     if config is not None and config.shard_rows:
-        _check_shard_rows(config, train)
+        _check_shard_rows(config, train, sampled)
     device, ranks, mass, ckpt = sampled[0].device, Ranks.current(), None, None
     if checkpoint is not None:
         ckpt = _open_checkpoint(checkpoint, ranks, sampled, train, query, per_token, config)
@@ -156,9 +156,10 @@ def _open_checkpoint(path: str | os.PathLike, ranks: Ranks, sampled: list, train
     return Checkpoint(path, ranks, identity, lockstep=config is not None and config.shard_rows and ranks.active)
 
 
-def _check_shard_rows(config: BIFConfig, train: Any) -> None:
+def _check_shard_rows(config: BIFConfig, train: Any, sampled: list) -> None:
     """What ``shard_rows`` does not combine with yet, refused before any work."""
     if isinstance(train, DataLoader):
         raise ValueError("shard_rows slices train by sequence: pass a Dataset, not a DataLoader")
-    if config.sgld.mass == "curvature":
-        raise ValueError("shard_rows does not combine with mass='curvature' yet (its Lanczos needs every row)")
+    if config.sgld.mass == "curvature" and any_sharded(sampled):
+        raise ValueError("shard_rows on an FSDP-sharded model does not combine with mass='curvature' yet (its "
+                         "Lanczos differentiates the whole weights)")  # fmt: skip

@@ -45,6 +45,9 @@ def _loss(model, batch):
 def _config(case: str) -> BIFConfig:
     if case.startswith("shard"):  # rows split across the ranks, every chain on every rank
         sgld = SGLDConfig(lr=2e-3, nbeta=50.0, localization=20.0)
+        if case.endswith("mass"):  # BAOAB with the curvature mass, its Lanczos over every rank's rows
+            sgld = SGLDConfig(lr=0.02, nbeta=50.0, localization=20.0, sampler="baoab", friction=5.0,
+                              mass="curvature", mass_rank=3)  # fmt: skip
         batch_size = "full" if case.startswith("shard_full") else 8
         per_update = 5 if "ckpt" in case else 32  # resumable cases: several accumulator updates (and writes) a chain
         return BIFConfig(sgld=sgld, num_chains=3, num_draws=30, num_steps_bw_draws=2, batch_size=batch_size, seed=3,
@@ -162,7 +165,7 @@ def test_a_failing_rank_fails_every_rank_with_its_error(tmp_path, case):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", ["shard_sample", "shard_token", "shard_full"])
+@pytest.mark.parametrize("case", ["shard_sample", "shard_token", "shard_full", "shard_full_mass"])
 def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, case):
     """shard_rows: every rank holds its rows of the BIF (global indices in train_rows), runs every chain with
     the gradient summed across the ranks, and topk across the shards is the single process's."""
@@ -179,9 +182,12 @@ def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, 
     assert torch.equal(rows, torch.arange(alone.bif.shape[0]))  # contiguous slices, in rank order, all rows
     assert min(sh.bif.shape[0] for sh in shards) > 0
     scale = float(alone.bif.abs().max())
+    # The mass's Hessian-vector products are differences of gradients over 2e-3 x the weights: the ranks' sum
+    # of the gradient rounds differently, and the difference carries that rounding up ~500-fold.
+    loose = 10.0 if case.endswith("mass") else 1.0
     for name in ("bif", "bif_normalized", "stderr"):
         got = torch.cat([getattr(sh, name) for sh in shards])
-        tol = 1e-5 if name == "bif_normalized" else 1e-5 * scale
+        tol = loose * (1e-5 if name == "bif_normalized" else 1e-5 * scale)
         torch.testing.assert_close(got, getattr(alone, name), rtol=1e-3, atol=tol)
     if per_token:
         assert torch.equal(torch.cat([sh.train_index for sh in shards]), alone.train_index)
@@ -295,9 +301,6 @@ def test_shard_rows_refuses_what_it_does_not_combine_with(tmp_path):
     loader = torch.utils.data.DataLoader(train, batch_size=8)
     with pytest.raises(ValueError, match="pass a Dataset, not a DataLoader"):
         compute_bif(model, loader, query, loss_fn=_loss, config=config)
-    massed = dataclasses.replace(_config("sample_mass"), shard_rows=True)
-    with pytest.raises(ValueError, match="mass='curvature'"):
-        compute_bif(model, train, query, loss_fn=_loss, config=massed)
     with pytest.raises(ValueError, match="control_variate"):
         dataclasses.replace(config, control_variate=True)
     assert not (tmp_path / "state-rank0-of-1.safetensors").exists()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from bif_fast.config import SGLDConfig
+from bif_fast.engine.distributed import RowShard
 from bif_fast.engine.mass import LowRankMass, curvature_mass
 from bif_fast.engine.units import LossFn, loss_and_mask, minibatch_loss
 
@@ -30,23 +31,37 @@ __all__ = ["KineticSettings", "curvature_mass_at_w_star", "full_gradient", "hess
 
 
 def full_gradient(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, per_token: bool, *,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
-    """Flat gradient of the mean loss over ``batches`` (weighted by their sizes), in ``dtype``."""
-    total, weight = None, 0
-    for batch in batches:
-        out, mask = loss_and_mask(loss_fn, model, batch, per_token)
-        size = int(mask.sum()) if mask is not None else out.numel()
-        grads = torch.autograd.grad(minibatch_loss(out, mask, per_token), list(params), allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype) for p, g in
-                          zip(params, grads, strict=True)])  # fmt: skip
-        total = flat * size if total is None else total.add_(flat, alpha=size)
-        weight += size
-    return total / max(weight, 1)
+                  dtype: torch.dtype = torch.float32, shard: RowShard | None = None) -> torch.Tensor:  # fmt: skip
+    """Flat gradient of the mean loss over ``batches`` (weighted by their sizes), in ``dtype``.
+
+    With ``shard`` (``BIFConfig.shard_rows``) ``batches`` are this rank's rows and the mean is over every
+    rank's: the weighted sums and the counts are summed across the ranks, after a check that no rank's
+    ``loss_fn`` raised (which makes every rank raise instead of waiting in the sum)."""
+    total, weight, error = None, 0, None
+    try:
+        for batch in batches:
+            out, mask = loss_and_mask(loss_fn, model, batch, per_token)
+            size = int(mask.sum()) if mask is not None else out.numel()
+            grads = torch.autograd.grad(minibatch_loss(out, mask, per_token), list(params), allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(dtype) for p, g in
+                              zip(params, grads, strict=True)])  # fmt: skip
+            total = flat * size if total is None else total.add_(flat, alpha=size)
+            weight += size
+    except Exception as e:
+        if shard is None:
+            raise
+        error = e
+    if shard is None:
+        return total / max(weight, 1)
+    weight = float(shard.check(error, torch.tensor([float(weight)]))[0])
+    if total is None:  # a rank without rows
+        total = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
+    return shard.sum_(total) / max(weight, 1.0)
 
 
 def top_curvature(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, *,
-                  per_token: bool = False, iters: int = 30, rtol: float = 1e-3,
-                  seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                  per_token: bool = False, iters: int = 30, rtol: float = 1e-3, seed: int = 0,
+                  shard: RowShard | None = None) -> dict[str, Any]:  # fmt: skip
     """The largest eigenvalue of the Hessian of the mean loss over ``batches`` at the current weights.
 
     Returns:
@@ -58,7 +73,7 @@ def top_curvature(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_f
     v = v.to(w0[0].device) / v.norm()
     lam, done = 0.0, 0
     for done in range(1, iters + 1):
-        hv = hessian_vector_product(model, params, w0, v, loss_fn, batches, per_token)
+        hv = hessian_vector_product(model, params, w0, v, loss_fn, batches, per_token, shard=shard)
         new = float(v @ hv)
         v = hv / hv.norm().clamp_min(1e-30)
         if done > 3 and abs(new - lam) <= rtol * abs(new):
@@ -69,26 +84,29 @@ def top_curvature(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_f
 
 
 def hessian_vector_product(model, params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], v: torch.Tensor,
-                           loss_fn: LossFn, batches: list, per_token: bool) -> torch.Tensor:  # fmt: skip
+                           loss_fn: LossFn, batches: list, per_token: bool, *,
+                           shard: RowShard | None = None) -> torch.Tensor:  # fmt: skip
     """``H v`` at the weights ``w0`` by a central difference of full-batch gradients (step 1e-3 x the rms
-    weight along the unit vector v); the parameters are put back at ``w0`` exactly."""
+    weight along the unit vector v; with ``shard``, of every rank's rows); the parameters are put back at
+    ``w0`` exactly."""
     eps = 1e-3 * max(math.sqrt(sum(float(w.float().square().sum()) for w in w0) / max(v.numel(), 1)), 1e-3)
     try:
-        plus = _shifted_gradient(model, params, w0, v, eps, loss_fn, batches, per_token)
-        return (plus - _shifted_gradient(model, params, w0, v, -eps, loss_fn, batches, per_token)) / (2 * eps)
+        plus = _shifted_gradient(model, params, w0, v, eps, loss_fn, batches, per_token, shard)
+        return (plus - _shifted_gradient(model, params, w0, v, -eps, loss_fn, batches, per_token, shard)) / (2 * eps)
     finally:
         with torch.no_grad():
             for p, w in zip(params, w0, strict=True):
                 p.copy_(w)
 
 
-def _shifted_gradient(model, params, w0, v: torch.Tensor, eps: float, loss_fn, batches, per_token) -> torch.Tensor:
+def _shifted_gradient(model, params, w0, v: torch.Tensor, eps: float, loss_fn, batches, per_token,
+                      shard: RowShard | None) -> torch.Tensor:  # fmt: skip
     with torch.no_grad():
         start = 0
         for p, w in zip(params, w0, strict=True):
             p.copy_(w + eps * v[start : start + w.numel()].view_as(w).to(w.dtype))
             start += w.numel()
-    return full_gradient(model, params, loss_fn, batches, per_token)
+    return full_gradient(model, params, loss_fn, batches, per_token, shard=shard)
 
 
 def lanczos_iters(rank: int, numel: int) -> int:
@@ -98,7 +116,8 @@ def lanczos_iters(rank: int, numel: int) -> int:
 
 
 def top_eigenpairs(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list, *,
-                   rank: int, per_token: bool = False, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                   rank: int, per_token: bool = False, seed: int = 0,
+                   shard: RowShard | None = None) -> dict[str, Any]:  # fmt: skip
     """The top ``rank + 1`` eigenvalues and ``rank`` eigenvectors of the Hessian of the mean loss over
     ``batches`` at the current weights: Lanczos with full reorthogonalisation on central-difference
     Hessian-vector products (``lanczos_iters(rank, N)`` products, two gradient evaluations each).
@@ -117,7 +136,7 @@ def top_eigenpairs(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_
     basis[0] = q / q.norm()
     alphas, betas = [], []
     for j in range(m):
-        hv = hessian_vector_product(model, params, w0, basis[j], loss_fn, batches, per_token)
+        hv = hessian_vector_product(model, params, w0, basis[j], loss_fn, batches, per_token, shard=shard)
         alphas.append(float(basis[j] @ hv))
         for _ in range(2):  # full reorthogonalisation, twice (classical Gram-Schmidt loses orthogonality once)
             hv -= basis[: j + 1].T @ (basis[: j + 1] @ hv)
@@ -140,9 +159,12 @@ def top_eigenpairs(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_
 
 
 def curvature_mass_at_w_star(model, params: Sequence[torch.Tensor], loss_fn: LossFn, batches: list,
-                             config: SGLDConfig, per_token: bool, *, seed: int = 0) -> LowRankMass:  # fmt: skip
-    """``config``'s low-rank mass (``mass="curvature"``, ``mass_rank``) from the Hessian at the current weights."""
-    pairs = top_eigenpairs(model, params, loss_fn, batches, rank=config.mass_rank, per_token=per_token, seed=seed)
+                             config: SGLDConfig, per_token: bool, *, seed: int = 0,
+                             shard: RowShard | None = None) -> LowRankMass:  # fmt: skip
+    """``config``'s low-rank mass (``mass="curvature"``, ``mass_rank``) from the Hessian at the current weights
+    (with ``shard``: of every rank's rows, computed on every rank together)."""
+    pairs = top_eigenpairs(model, params, loss_fn, batches, rank=config.mass_rank, per_token=per_token, seed=seed,
+                           shard=shard)  # fmt: skip
     return curvature_mass(pairs["eigvals"], pairs["eigvecs"], nbeta=config.nbeta,
                           a_min=config.weight_decay + config.localization)  # fmt: skip
 

@@ -12,6 +12,7 @@ raises, instead of the healthy ranks waiting forever in a reduction the failed o
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,6 +22,10 @@ import torch
 __all__ = ["RankFailure", "Ranks", "RowShard"]
 
 T = TypeVar("T")
+
+# True while rank 0 runs a ``Ranks.from_root`` function: code under it (e.g. the calibration's pilot runs)
+# sees a group of one.
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("bif_fast_ranks_alone", default=False)
 
 
 class RankFailure(RuntimeError):
@@ -40,8 +45,10 @@ class Ranks:
 
     @classmethod
     def current(cls) -> Ranks:
+        """The default group's ranks; rank 0 of 1 outside one, and inside ``from_root``'s ``fn`` (which rank 0
+        runs while the others wait, so no collective may be entered there)."""
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
+        if _ALONE.get() or not (dist.is_available() and dist.is_initialized()):
             return cls()
         return cls(dist.get_rank(), dist.get_world_size())
 
@@ -80,10 +87,13 @@ class Ranks:
         payload: list[Any] = [None]
         error = None
         if self.rank == 0:
+            token = _ALONE.set(True)
             try:
                 payload[0] = ("ok", to_wire(fn()))
             except Exception as e:  # handed to every rank, then re-raised here
                 error, payload[0] = e, ("error", f"{type(e).__name__}: {e}")
+            finally:
+                _ALONE.reset(token)
         torch.distributed.broadcast_object_list(payload, src=0)
         if error is not None:
             raise error
@@ -91,6 +101,37 @@ class Ranks:
         if kind == "error":
             raise RankFailure(f"bif_fast: rank 0 of {self.world} failed ({value}); no BIF on any rank", 0)
         return from_wire(value)
+
+    def agree(self, value: T) -> T:
+        """Rank 0's ``value`` (picklable, small) on every rank: a number every rank measured (a time) or derived
+        in step with the others, so that what follows from it is the same everywhere."""
+        if not self.active:
+            return value
+        payload = [value]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        return payload[0]
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` overwritten with rank 0's, in place (on the device the group's backend moves)."""
+        if not self.active:
+            return tensor
+        wire = self._wire(tensor)
+        if wire is tensor:
+            torch.distributed.broadcast(tensor, src=0)
+        else:
+            torch.distributed.broadcast(wire, src=0)
+            tensor.copy_(wire)
+        return tensor
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` itself where the backend moves tensors of its device, else a copy on the device it does
+        (NCCL takes CUDA tensors only, gloo CPU ones)."""
+        nccl = "nccl" in str(torch.distributed.get_backend())
+        if nccl == (tensor.device.type == "cuda"):
+            return tensor
+        if nccl:
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor.cpu()
 
     def check_same(self, record: dict[str, Any]) -> None:
         """Every rank must call with the same ``record`` (e.g. w*'s checksums, the data sizes, the config):

@@ -101,9 +101,7 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
             mass = LowRankMass(restored.tensors["mass.basis"].to(device), restored.tensors["mass.scale"].to(device),
                                restored.meta["mass_a_ref"])  # fmt: skip
         if config.sgld.mass == "curvature" and mass is None:
-            mass = ranks.from_root(lambda: curvature_mass_at_w_star(model, sampled, loss_fn, sides[0].batches,
-                                                                    config.sgld, per_token, seed=config.seed),
-                                   to_wire=lambda m: m.to(torch.device("cpu")), from_wire=lambda m: m.to(device))
+            mass = _curvature_mass(model, sampled, loss_fn, sides[0].batches, config, per_token, ranks, shard)
         run = None
         try:
             saver = None if checkpoint is None else _Saver(checkpoint, config, mass, sides, restored, shard)
@@ -128,6 +126,23 @@ def run_bif(model: torch.nn.Module, sampled: Sequence[torch.Tensor], train: Any,
         bif, bif_normalized, stderr = run.pool.outputs(scale=0.25 if config.estimator == "lag1" else 1.0)
     return RunOutput(bif, bif_normalized, stderr, diagnostics, rows.global_index(sides[0].units.index),
                      sides[1].units.index, rows.global_rows(device))  # fmt: skip
+
+
+def _curvature_mass(model, sampled, loss_fn: LossFn, batches: list, config: BIFConfig, per_token: bool,
+                    ranks: Ranks, shard: RowShard | None) -> LowRankMass:  # fmt: skip
+    """The curvature mass at w*: on rank 0 and given to every rank; with row shards every rank takes part in
+    each Hessian-vector product (its rows' share of the gradient), and rank 0's result is still the one
+    every rank keeps, so that every rank's chains step with the same bits."""
+    device = sampled[0].device
+    if shard is None:
+        return ranks.from_root(lambda: curvature_mass_at_w_star(model, sampled, loss_fn, batches, config.sgld,
+                                                                per_token, seed=config.seed),
+                               to_wire=lambda m: m.to(torch.device("cpu")), from_wire=lambda m: m.to(device))
+    mass = curvature_mass_at_w_star(model, sampled, loss_fn, batches, config.sgld, per_token, seed=config.seed,
+                                    shard=shard)  # fmt: skip
+    ranks.broadcast_(mass.basis)
+    ranks.broadcast_(mass.scale)
+    return LowRankMass(mass.basis, mass.scale, ranks.agree(mass.a_ref))
 
 
 @dataclass

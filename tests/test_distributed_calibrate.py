@@ -1,0 +1,96 @@
+"""The calibrated defaults inside a torch.distributed process group, on 2 gloo processes against one.
+
+``compute_bif(config=None)``: rank 0 calibrates while the others wait, then the chains are split. Under
+``calibrate(..., shard_rows=True)`` every rank holds a slice of the training rows and the calibration runs on
+every rank together (its Hessian-vector products, re-fits and pilots sum the ranks' gradients, its times are
+rank 0's): every rank must choose the settings one process chooses, and the sharded run with them must give
+one process's BIF. The model is the ridge-regression oracle of ``test_calibration``, per sample and per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+import bif_fast.calibration as calibration
+from bif_fast import BIFConfig, BIFResult, compute_bif
+from tests.ranks import spawn_ranks
+from tests.test_calibration import WD, _ridge, _sq
+
+BUDGET = 20.0  # seconds: long enough that every length is at its cap (below) on both sides
+CAPS = {"MAX_DRAWS": 400, "REFITS": 8, "REFIT_STEPS": 40}  # test_calibration's short runs
+SHARDED_DRAWS = 60  # draws per chain of the sharded run with the calibrated settings
+
+
+def _short_runs() -> None:
+    for name, value in CAPS.items():
+        setattr(calibration, name, value)
+
+
+def _ridge_tokens(seed: int = 1, n: int = 30, t: int = 3, d: int = 4):
+    """Ridge regression with ``t`` observations a sequence, each a unit; w* minimises the mean over every
+    observation of 1/2 (x w - y)^2 + WD/2 |w|^2."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([3.0, 1.5, 0.8, 0.4], dtype=torch.float64)[:d]
+    x = torch.randn(n + 6, t, d, generator=g, dtype=torch.float64) * scales
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n + 6, t, generator=g,
+                                                                                  dtype=torch.float64)  # fmt: skip
+    flat, target = x[:n].reshape(-1, d), y[:n].reshape(-1)
+    h = flat.T @ flat / flat.shape[0]
+    w_star = torch.linalg.solve(h + WD * torch.eye(d, dtype=torch.float64), flat.T @ target / flat.shape[0])
+    model = torch.nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star.float()[None])
+    return model, TensorDataset(x[:n].float(), y[:n].float()), TensorDataset(x[n:].float(), y[n:].float())
+
+
+def _sq_tokens(model, batch):
+    x, y = batch
+    return 0.5 * (model(x).squeeze(-1) - y).square()
+
+
+def _problem(case: str):
+    if "token" in case:
+        return (*_ridge_tokens(), _sq_tokens)
+    model, train, query, *_ = _ridge()
+    return model, train, query, _sq
+
+
+def _sharded_config(cfg: BIFConfig) -> BIFConfig:
+    return dataclasses.replace(cfg, num_draws=SHARDED_DRAWS, time_limit=None)
+
+
+def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
+    _short_runs()
+    model, train, query, loss_fn = _problem(case)
+    per_token = "token" in case
+    res = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token)
+    res.save(Path(tmp) / f"{case}-rank{rank}")
+    return {"config": res.config.to_dict()}
+
+
+def _configs(statuses: list[dict]) -> list[BIFConfig]:
+    assert all(s["ok"] for s in statuses), statuses
+    return [BIFConfig.from_dict(json.loads(json.dumps(s["config"]))) for s in statuses]
+
+
+def test_calibrated_defaults_in_a_process_group_are_chosen_on_rank_0_for_every_rank(tmp_path):
+    """config=None under torchrun: rank 0 calibrates alone (its pilots see a group of one) and every rank
+    samples its chains with rank 0's settings; every rank returns the same pooled BIF, that of one process
+    with those settings."""
+    statuses = spawn_ranks(_worker, 2, tmp_path, "defaults")
+    configs = _configs(statuses)
+    assert configs[0] == configs[1] and configs[0].calibration is not None
+    got = [BIFResult.load(tmp_path / f"defaults-rank{r}") for r in range(2)]
+    assert torch.equal(got[0].bif, got[1].bif) and got[0].diagnostics["world_size"] == 2
+    assert got[0].diagnostics["calibration"]["damping"] == configs[0].calibration["damping"]
+    model, train, query, loss_fn = _problem("defaults")
+    # One process with the same settings (no time limit, which the ranks do not apply). The mass is rebuilt
+    # from the config by the same seeded Lanczos, whose float32 products let the chains drift ~1e-6 apart.
+    alone = compute_bif(model, train, query, loss_fn=loss_fn, config=dataclasses.replace(configs[0], time_limit=None))
+    scale = float(alone.bif.abs().max())
+    torch.testing.assert_close(got[0].bif, alone.bif, rtol=1e-3, atol=1e-4 * scale)
