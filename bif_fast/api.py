@@ -71,7 +71,8 @@ def compute_bif(
     Inside an initialised ``torch.distributed`` default process group (e.g. under ``torchrun``), chain c runs
     on rank ``c % world_size`` and every rank returns the full result, equal to one process's
     (``bif_fast.engine.distributed``); rank 0 calibrates for all. With ``BIFConfig(shard_rows=True)`` each
-    rank holds a slice of the training rows instead (``res.train_rows``) and runs every chain.
+    rank holds a slice of the training rows instead (``res.train_rows``) and runs every chain; the calibrated
+    settings for that mode come from ``bif_fast.calibrate(..., shard_rows=True)`` called on every rank.
 
     Returns:
         BIFResult.

@@ -54,11 +54,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from bif_fast._backend import Backend
 from bif_fast.config import BIFConfig, SGLDConfig
 from bif_fast.engine.calibrate import full_gradient, hessian_vector_product, lanczos_iters, top_eigenpairs
 from bif_fast.engine.data import check_eval_data
+from bif_fast.engine.distributed import Ranks, RowShard
 from bif_fast.engine.mass import LowRankMass, curvature_mass
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.probe import (
@@ -71,6 +73,7 @@ from bif_fast.engine.probe import (
     refit_probe,
 )
 from bif_fast.engine.run import eval_set, run_bif
+from bif_fast.engine.sharded import any_sharded
 from bif_fast.engine.units import LossFn
 from bif_fast.result import BIFError
 
@@ -115,7 +118,7 @@ class Calibrated:
 
 def calibrate(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn: LossFn, per_token: bool = False,
               params: Sequence[torch.Tensor] | None = None, budget_seconds: float = 30.0, seed: int = 0,
-              backend: Backend = "auto") -> BIFConfig:  # fmt: skip
+              backend: Backend = "auto", shard_rows: bool = False) -> BIFConfig:  # fmt: skip
     """The ``BIFConfig`` that ``compute_bif(model, train, query, loss_fn=loss_fn)`` uses when given no config.
 
     Args:
@@ -126,22 +129,30 @@ def calibrate(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn:
             time (a model too slow for the budget still gets a useful run) and at least 100 draws per chain.
             Default: 30.
         seed (int): seed of the probe, the pilots and the returned config.
+        shard_rows (bool): inside a ``torch.distributed`` process group, calibrate over row shards
+            (``BIFConfig.shard_rows``): every rank holds its slice of the training sequences, every gradient
+            (the curvature's, the re-fits', the pilots') is summed across the ranks, every time measured is
+            rank 0's, and every rank returns the same config, with ``shard_rows=True``, for
+            ``compute_bif(..., config=...)`` on the same ranks. Every rank must call it. Default: False
+            (outside a process group it changes nothing but the returned config's ``shard_rows``).
 
     Returns:
         BIFConfig: the settings, with ``calibration`` holding each estimate, the rule behind each choice,
         the probe's candidate scores and the costs. The model is left exactly as it was.
 
     Raises:
-        ValueError: bad arguments. BIFError: every pilot diverged even at the smallest step tried.
+        ValueError: bad arguments (with ``shard_rows``: a DataLoader as train, or an FSDP-sharded model).
+        BIFError: every pilot diverged even at the smallest step tried.
     """
     return calibrate_with_mass(model, train, query, loss_fn=loss_fn, per_token=per_token, params=params,
-                               budget_seconds=budget_seconds, seed=seed, backend=backend).config  # fmt: skip
+                               budget_seconds=budget_seconds, seed=seed, backend=backend,
+                               shard_rows=shard_rows).config  # fmt: skip
 
 
 def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *, loss_fn: LossFn,
                         per_token: bool = False, params: Sequence[torch.Tensor] | None = None,
-                        budget_seconds: float = 30.0, seed: int = 0,
-                        backend: Backend = "auto") -> Calibrated:  # fmt: skip
+                        budget_seconds: float = 30.0, seed: int = 0, backend: Backend = "auto",
+                        shard_rows: bool = False) -> Calibrated:  # fmt: skip
     """``calibrate``, also returning the chosen mass (so ``compute_bif`` need not rebuild it)."""
     t0 = time.perf_counter()
     if not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0 and math.isfinite(budget_seconds)):
@@ -152,33 +163,71 @@ def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *
     sampled = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not sampled:
         raise ValueError("no parameters to sample (pass params= or set requires_grad)")
+    ranks, shard = Ranks.current(), _shard(shard_rows, train, sampled)
     probe_config = BIFConfig(batch_size="full", eval_batch_size=EVAL_BATCH, seed=seed)
     with ModelState(model, sampled) as state:
         state.eval_mode()
         device = sampled[0].device
-        sides = [eval_set(model, d, loss_fn, probe_config, per_token, device, name)
-                 for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
-        curv = _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed)
-        curv["implied_weight_decay"] = _implied_weight_decay(model, sampled, loss_fn, sides[0].batches, per_token)
+        mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
+        sides = _eval_sets(model, mine, query, loss_fn, probe_config, per_token, device, ranks, shard)
+        curv = _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed, shard)
+        curv["implied_weight_decay"] = ranks.agree(_implied_weight_decay(model, sampled, loss_fn, sides[0].batches,
+                                                                         per_token, shard))  # fmt: skip
         # One full-batch gradient costs about this much (the curvature took two per Hessian-vector product).
         per_gradient = curv["seconds"] / max(2 * curv["hvps"], 1)
         steps = int(min(REFIT_STEPS, max(MIN_REFIT_STEPS, PROBE_SHARE * budget_seconds / per_gradient / REFITS)))
         probe = refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units, sides[1].batches,
                             sides[1].units, sides[1].at_w_star, per_token=per_token, refits=REFITS,
-                            steps=steps, seed=seed)  # fmt: skip
+                            steps=steps, seed=seed, shard=shard)  # fmt: skip
+        probe.seconds = ranks.agree(probe.seconds)
         pilot_steps = PILOT_SHARE * budget_seconds / (1.5 * per_gradient) / PILOTS
         pilot_draws = int(min(PILOT_DRAWS, max(MIN_PILOT_DRAWS, pilot_steps / PILOT_CHAINS)))
     logger.info("bif_fast calibrate: lam_max %.4g, lam_min %.3g, implied weight decay %s, probe %.1f s",
                 curv["lam_max"], curv["lam_min"], curv["implied_weight_decay"]["value"], probe.seconds)
+    n_sequences = len(train) if shard is not None else sides[0].units.num_sequences
     search = _Search(model, sampled, train, query, loss_fn, per_token, backend, curv, probe, seed,
-                     n_sequences=sides[0].units.num_sequences, pilot_draws=pilot_draws)  # fmt: skip
-    best = search.run(budget_seconds - (time.perf_counter() - t0))
-    elapsed = time.perf_counter() - t0
+                     n_sequences=n_sequences, pilot_draws=pilot_draws, ranks=ranks, shard=shard,
+                     shard_rows=shard_rows)  # fmt: skip
+    best = search.run(budget_seconds - ranks.agree(time.perf_counter() - t0))
+    elapsed = ranks.agree(time.perf_counter() - t0)
     return search.final(best, max(SAMPLING_SHARE * (budget_seconds - elapsed), MIN_SAMPLING_FACTOR * elapsed), t0)
 
 
-def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int) -> dict[str, Any]:
-    """Top eigenpairs (Lanczos) and the most negative eigenvalue of the Hessian of the mean training loss."""
+def _shard(shard_rows: bool, train: Any, sampled: list[torch.Tensor]) -> RowShard | None:
+    """This rank's rows when calibrating over row shards inside a process group, else None."""
+    if not isinstance(shard_rows, bool):
+        raise ValueError(f"shard_rows must be a bool, got {shard_rows!r}")
+    if not shard_rows:
+        return None
+    if isinstance(train, DataLoader):
+        raise ValueError("shard_rows slices train by sequence: pass a Dataset, not a DataLoader")
+    if any_sharded(sampled):
+        raise ValueError("calibrate(shard_rows=True) does not take an FSDP-sharded model yet (its re-fits and "
+                         "Hessian-vector products differentiate the whole weights); pass a BIFConfig")  # fmt: skip
+    ranks = Ranks.current()
+    return RowShard.of(ranks, len(train)) if ranks.active else None
+
+
+def _eval_sets(model, train: Any, query: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool,
+               device: torch.device, ranks: Ranks, shard: RowShard | None) -> list:  # fmt: skip
+    """The probe's evaluation sets at w* (with ``shard``: this rank's training rows); a rank that fails
+    makes every rank raise."""
+    error, sides = None, None
+    try:
+        sides = [eval_set(model, d, loss_fn, config, per_token, device, name)
+                 for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
+    except Exception as e:
+        if shard is None:
+            raise
+        error = e
+    ranks.raise_if_any_failed(error)
+    return sides
+
+
+def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int,
+               shard: RowShard | None = None) -> dict[str, Any]:  # fmt: skip
+    """Top eigenpairs (Lanczos) and the most negative eigenvalue of the Hessian of the mean training loss
+    (with ``shard``: of every rank's rows, formed together; rank 0's figures are kept by every rank)."""
     t0 = time.perf_counter()
     numel = sum(p.numel() for p in sampled)
     rank = min(MASS_RANK, numel - 1)
@@ -186,34 +235,40 @@ def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int) -> 
     fp32 = all(p.dtype == torch.float32 for p in sampled)
     fits = (lanczos_iters(rank, numel) + 1) * numel * 4 <= MASS_BYTES and rank >= 1 and fp32
     pairs = top_eigenpairs(model, sampled, loss_fn, batches, rank=rank if fits else 1, per_token=per_token,
-                           seed=seed)  # fmt: skip
+                           seed=seed, shard=shard)  # fmt: skip
     eigvals = pairs["eigvals"]
     lam_max = float(eigvals[0])
-    lam_min, hvps = _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token, lam_max, seed)
-    return {"lam_max": lam_max, "lam_min": lam_min, "eigvals": [float(x) for x in eigvals],
-            "eigvecs": pairs["eigvecs"] if fits else None, "mass_rank": rank if fits else 0,
-            "hvps": pairs["hvps"] + hvps, "seconds": time.perf_counter() - t0,
+    lam_min, hvps = _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token, lam_max, seed, shard=shard)
+    curv = {"lam_max": lam_max, "lam_min": lam_min, "eigvals": [float(x) for x in eigvals],
+            "mass_rank": rank if fits else 0, "hvps": pairs["hvps"] + hvps, "seconds": time.perf_counter() - t0,
             "rule": "Lanczos on central-difference Hessian-vector products of the full-batch mean loss at w*",
             }  # fmt: skip
+    eigvecs = pairs["eigvecs"] if fits else None
+    if shard is not None:
+        curv = shard.ranks.agree(curv)
+        if eigvecs is not None:
+            shard.ranks.broadcast_(eigvecs)
+    return {**curv, "eigvecs": eigvecs}
 
 
 def _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token: bool, lam_max: float, seed: int,
-                       iters: int = 20) -> tuple[float, int]:  # fmt: skip
+                       iters: int = 20, shard: RowShard | None = None) -> tuple[float, int]:  # fmt: skip
     """Power iteration on ``lam_max I - H``: the most negative curvature (0 when H is positive semi-definite)."""
     w0 = [p.detach().clone() for p in sampled]
     v = torch.randn(sum(p.numel() for p in w0), generator=torch.Generator().manual_seed(seed + 1)).to(w0[0].device)
     v /= v.norm()
     shifted = 0.0
     for _ in range(iters):
-        hv = lam_max * v - hessian_vector_product(model, sampled, w0, v, loss_fn, batches, per_token)
+        hv = lam_max * v - hessian_vector_product(model, sampled, w0, v, loss_fn, batches, per_token, shard=shard)
         shifted = float(v @ hv)
         v = hv / hv.norm().clamp_min(1e-30)
     return min(0.0, lam_max - shifted), iters
 
 
-def _implied_weight_decay(model, sampled, loss_fn, batches, per_token: bool) -> dict[str, Any]:
+def _implied_weight_decay(model, sampled, loss_fn, batches, per_token: bool,
+                          shard: RowShard | None = None) -> dict[str, Any]:  # fmt: skip
     """``wd`` with ``grad L(w*) = -wd w*`` when the gradient points along ``-w*``, else 0."""
-    g = full_gradient(model, sampled, loss_fn, batches, per_token)
+    g = full_gradient(model, sampled, loss_fn, batches, per_token, shard=shard)
     w = torch.cat([p.detach().reshape(-1).float() for p in sampled])
     cos = float(-(g @ w) / (g.norm() * w.norm()).clamp_min(1e-30))
     wd = float(-(g @ w) / (w @ w).clamp_min(1e-30))
@@ -226,8 +281,12 @@ class _Search:
     """Pilot runs of the candidate settings, scored by the probe, and the final config."""
 
     def __init__(self, model, sampled, train, query, loss_fn, per_token, backend, curv, probe: RefitProbe, seed,
-                 *, n_sequences: int, pilot_draws: int):  # fmt: skip
+                 *, n_sequences: int, pilot_draws: int, ranks: Ranks, shard: RowShard | None,
+                 shard_rows: bool):  # fmt: skip
         self.model, self.sampled, self.train, self.query = model, sampled, train, query
+        # With row shards every rank runs every pilot over its rows, and every time measured is rank 0's (the
+        # ranks' clocks differ; the lengths chosen from them must not).
+        self.ranks, self.shard, self.shard_rows = ranks, shard, shard_rows
         self.loss_fn, self.per_token, self.backend, self.curv, self.probe = loss_fn, per_token, backend, curv, probe
         self.seed, self.n_sequences, self.pilot_draws = seed, n_sequences, pilot_draws
         self.wd = curv["implied_weight_decay"]["value"]
@@ -278,7 +337,7 @@ class _Search:
             sgld, mass, why = self.settings(nbeta, damping, shrink)
             t0 = time.perf_counter()
             halves = [self._half(sgld, mass, h) for h in range(2)]
-            seconds = time.perf_counter() - t0
+            seconds = self.ranks.agree(time.perf_counter() - t0)
             self.pilot_seconds += seconds
             self.pilot_steps += 2 * (PILOT_CHAINS // 2) * (self.pilot_draws - 1)
             diverged = any(h is None for h in halves)
@@ -303,9 +362,10 @@ class _Search:
         if out is None:
             return None
         d = out.diagnostics
-        self.loop_seconds += sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])  # a group's chains share its time
+        loop, whole = self.ranks.agree((sum(d["chain_seconds"][:: max(d["chain_batch"], 1)]), d["seconds"]))
+        self.loop_seconds += loop  # a group's chains share its time
         self.loop_steps += cfg.num_chains * (cfg.num_draws - 1)
-        self.run_seconds += d["seconds"]
+        self.run_seconds += whole
         self.runs += 1
         return None if any(d["diverged"]) else out.bif
 
@@ -313,7 +373,8 @@ class _Search:
                    capture: bool | str = "auto"):  # fmt: skip
         """A full-batch run of these settings: (its config, its result or None when it raised BIFError)."""
         cfg = BIFConfig(sgld=sgld, num_chains=chains, num_draws=draws, batch_size="full", eval_batch_size=EVAL_BATCH,
-                        compute_stderr=False, seed=seed, max_excursion=self.max_excursion, capture=capture)  # fmt: skip
+                        compute_stderr=False, seed=seed, max_excursion=self.max_excursion, capture=capture,
+                        shard_rows=self.shard is not None)  # fmt: skip
         try:
             return cfg, run_bif(self.model, self.sampled, self.train, self.query, loss_fn=self.loss_fn, config=cfg,
                                 per_token=self.per_token, sgld_source=self.train, backend=self.backend,
@@ -339,7 +400,7 @@ class _Search:
         least = MIN_SAMPLING_FACTOR * PILOTS * per_pilot
         self.final_draws = self.draws_for(max(SAMPLING_SHARE * left - overhead, least), per_step) * FINAL_CHAINS
         rows += [self.pilot(nbeta, max(f * lam_max, floor)) for f in DAMPINGS[1:]]
-        best = self.best(rows)
+        best = self.agreed(self.best(rows))
         small = self.pilot(nbeta * SMALL_NBETA_FACTOR, best["damping"])
         if small["probe_lds"] is not None and self.predicted(small) > self.predicted(best):
             best = small
@@ -350,7 +411,14 @@ class _Search:
             logger.info("bif_fast calibrate: the probe's best score %.3g is within %g standard errors (%.3g) of "
                         "chance; taking the largest damping", best["probe_lds"], INFORMATIVE_SE, best["probe_se"])
             best = max((r for r in rows if r["probe_lds"] is not None), key=lambda r: r["damping"])
-        return best
+        return self.agreed(best)
+
+    def agreed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's choice among the candidates: the ranks' scores come from the same sums, and should a
+        rounding ever tell them apart, every rank still goes on with one setting."""
+        if not self.ranks.active:
+            return row
+        return self.candidates[self.ranks.agree(next(i for i, r in enumerate(self.candidates) if r is row))]
 
     def best(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The highest predicted score, or the smallest damping the probe cannot tell from it: a difference
@@ -395,7 +463,8 @@ class _Search:
         if out is None:
             return per_step, overhead
         d = out.diagnostics
-        loop = sum(d["chain_seconds"][:: max(d["chain_batch"], 1)])
+        loop, whole = self.ranks.agree((sum(d["chain_seconds"][:: max(d["chain_batch"], 1)]), d["seconds"]))
+        d = {**d, "seconds": whole}
         self.trial = {"chain_batch": d["chain_batch"], "draws": draws, "seconds": d["seconds"], "loop_seconds": loop}
         return loop / (FINAL_CHAINS * (draws - 1)), max(d["seconds"] - loop, 0.0)
 
@@ -409,7 +478,7 @@ class _Search:
         sgld, mass, why = self.settings(best["nbeta"], best["damping"], shrink * backoff)
         t_trial = time.perf_counter()
         per_step, overhead = self.final_speed(sgld, mass, TRIAL_SHARE * seconds_left)
-        seconds_left -= time.perf_counter() - t_trial
+        seconds_left -= self.ranks.agree(time.perf_counter() - t_trial)
         draws = self.draws_for(seconds_left - overhead, per_step)
         time_limit = max(seconds_left - overhead, LIMIT_SLACK * per_step * FINAL_CHAINS * MIN_DRAWS)
         curv = {k: v for k, v in self.curv.items() if k != "eigvecs"}
@@ -436,11 +505,12 @@ class _Search:
                        "rule": "as many draws as the time budget leaves, sampling stopped at the time planned for "
                                f"them (at least {LIMIT_SLACK:g} x the estimate of {MIN_DRAWS} draws)"},
             "pilot_seconds": self.pilot_seconds,
-            "seconds": time.perf_counter() - t0,
+            "seconds": self.ranks.agree(time.perf_counter() - t0),
         }  # fmt: skip
         logger.info("bif_fast calibrate: nbeta %.3g, damping %.3g, lr %.3g, %d x %d draws (%.1f s)", sgld.nbeta,
                     best["damping"], sgld.lr, FINAL_CHAINS, draws, calibration["seconds"])  # fmt: skip
         config = BIFConfig(sgld=sgld, num_chains=FINAL_CHAINS, num_draws=draws, batch_size="full",
                            eval_batch_size=EVAL_BATCH, seed=self.seed, max_excursion=self.max_excursion,
-                           time_limit=time_limit, capture=FINAL_CAPTURE, calibration=calibration)  # fmt: skip
+                           time_limit=time_limit, capture=FINAL_CAPTURE, calibration=calibration,
+                           shard_rows=self.shard_rows)  # fmt: skip
         return Calibrated(config, mass)

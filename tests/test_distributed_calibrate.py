@@ -13,11 +13,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import bif_fast.calibration as calibration
-from bif_fast import BIFConfig, BIFResult, compute_bif
+from bif_fast import BIFConfig, BIFResult, calibrate, compute_bif
 from tests.ranks import spawn_ranks
 from tests.test_calibration import WD, _ridge, _sq
 
@@ -68,9 +69,14 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
     _short_runs()
     model, train, query, loss_fn = _problem(case)
     per_token = "token" in case
-    res = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token)
+    if case == "defaults":
+        res = compute_bif(model, train, query, loss_fn=loss_fn)
+        res.save(Path(tmp) / f"{case}-rank{rank}")
+        return {"config": res.config.to_dict()}
+    cfg = calibrate(model, train, query, loss_fn=loss_fn, per_token=per_token, budget_seconds=BUDGET, shard_rows=True)
+    res = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token, config=_sharded_config(cfg))
     res.save(Path(tmp) / f"{case}-rank{rank}")
-    return {"config": res.config.to_dict()}
+    return {"config": cfg.to_dict()}
 
 
 def _configs(statuses: list[dict]) -> list[BIFConfig]:
@@ -94,3 +100,40 @@ def test_calibrated_defaults_in_a_process_group_are_chosen_on_rank_0_for_every_r
     alone = compute_bif(model, train, query, loss_fn=loss_fn, config=dataclasses.replace(configs[0], time_limit=None))
     scale = float(alone.bif.abs().max())
     torch.testing.assert_close(got[0].bif, alone.bif, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("case", ["shard_sample", "shard_token"])
+def test_calibration_over_row_shards_chooses_what_one_process_chooses(tmp_path, monkeypatch, case):
+    for name, value in CAPS.items():
+        monkeypatch.setattr(calibration, name, value)
+    model, train, query, loss_fn = _problem(case)
+    per_token = "token" in case
+    alone = calibrate(model, train, query, loss_fn=loss_fn, per_token=per_token, budget_seconds=BUDGET)
+    configs = _configs(spawn_ranks(_worker, 2, tmp_path, case))
+    assert configs[0] == configs[1]  # every rank the same settings, the record of every time measured included
+    got = configs[0]
+    assert got.shard_rows and not alone.shard_rows
+    cal, ref = got.calibration, alone.calibration
+    # The same choices from the same curvature, weight decay and probe (up to the rounding of the ranks' sums).
+    big = calibration.NBETA_PER_SEQUENCE * len(train)  # of every rank's sequences, not this rank's
+    assert cal["nbeta"]["value"] == ref["nbeta"]["value"] and cal["nbeta"]["value"] in (big, big * 0.01)
+    assert cal["damping"]["value"] == pytest.approx(ref["damping"]["value"], rel=1e-3)
+    assert cal["curvature"]["lam_max"] == pytest.approx(ref["curvature"]["lam_max"], rel=1e-3)
+    assert cal["curvature"]["implied_weight_decay"]["value"] == pytest.approx(WD, rel=1e-2)
+    for key in ("lr", "friction", "localization", "weight_decay"):
+        assert getattr(got.sgld, key) == pytest.approx(getattr(alone.sgld, key), rel=1e-3), key
+    assert got.sgld.mass == alone.sgld.mass == "curvature" and got.sgld.mass_rank == alone.sgld.mass_rank
+    assert got.num_draws == alone.num_draws == CAPS["MAX_DRAWS"]
+    assert cal["probe"]["pilot_draws"] == ref["probe"]["pilot_draws"] == calibration.PILOT_DRAWS
+    assert cal["probe"]["steps"] == ref["probe"]["steps"] == CAPS["REFIT_STEPS"]
+    scores = [[c["probe_lds"] for c in row["candidates"]] for row in (cal, ref)]
+    assert len(scores[0]) == len(scores[1]) and None not in scores[0]
+    torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(scores[1]), rtol=0, atol=1e-2)
+    # The sharded run with those settings: its shards put together are one process's BIF with them.
+    shards = [BIFResult.load(tmp_path / f"{case}-rank{r}") for r in range(2)]
+    ref_run = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token, config=_sharded_config(got))
+    assert torch.equal(torch.cat([sh.train_rows for sh in shards]), torch.arange(ref_run.bif.shape[0]))
+    scale = float(ref_run.bif.abs().max())
+    torch.testing.assert_close(torch.cat([sh.bif for sh in shards]), ref_run.bif, rtol=1e-3, atol=1e-4 * scale)
+    if per_token:
+        assert torch.equal(torch.cat([sh.train_index for sh in shards]), ref_run.train_index)

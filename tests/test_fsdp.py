@@ -149,10 +149,14 @@ def test_compute_bif_of_an_fsdp_model_is_the_unsharded_result(tmp_path, world, c
         assert torch.equal(torch.tensor(s["topk"][1]), idx)
 
 
-def test_an_fsdp_model_needs_shard_rows(tmp_path):
-    statuses = spawn_ranks(_refusal_worker, 2, tmp_path, "refuse")
+@pytest.mark.parametrize(("case", "says"), [("refuse", "shard_rows=True"), ("refuse_mass", "mass='curvature'"),
+                                            ("refuse_calibrate", "FSDP-sharded model")])  # fmt: skip
+def test_what_an_fsdp_model_does_not_take_is_refused_on_every_rank(tmp_path, case, says):
+    """Without shard_rows; with the curvature mass; calibrated over row shards (its re-fits and
+    Hessian-vector products differentiate the whole weights)."""
+    statuses = spawn_ranks(_refusal_worker, 2, tmp_path, case)
     for s in statuses:
-        assert s["type"] == "ValueError" and "shard_rows=True" in s["message"], s
+        assert s["type"] == "ValueError" and says in s["message"], s
 
 
 def _refusal_worker(rank: int, world: int, tmp: str, case: str) -> dict:
@@ -160,13 +164,16 @@ def _refusal_worker(rank: int, world: int, tmp: str, case: str) -> dict:
 
     from torch.distributed.fsdp import fully_shard
 
-    from bif_fast import compute_bif
+    from bif_fast import calibrate, compute_bif
     from tests.test_distributed import _config, _loss, _problem
 
     model, train, query = _problem("shard_sample")
     fully_shard(model)
-    compute_bif(model, train, query, loss_fn=_loss, config=dataclasses.replace(_config("shard_sample"),
-                                                                             shard_rows=False))  # fmt: skip
+    if case == "refuse_calibrate":
+        calibrate(model, train, query, loss_fn=_loss, shard_rows=True)
+    config = _config("shard_full_mass") if case == "refuse_mass" else dataclasses.replace(_config("shard_sample"),
+                                                                                         shard_rows=False)
+    compute_bif(model, train, query, loss_fn=_loss, config=config)
     return {}
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bif_fast.engine.data import batch_len
+from bif_fast.engine.distributed import RowShard
 from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask
 
 __all__ = ["RefitProbe", "extrapolated_score", "jackknife_se", "probe_loo_scores", "probe_noise_fractions",
@@ -31,12 +32,14 @@ __all__ = ["RefitProbe", "extrapolated_score", "jackknife_se", "probe_loo_scores
 @dataclass
 class RefitProbe:
     """Re-fits on random halves: ``kept`` ``[K, n_train_units]`` (1 where the unit's sequence was trained
-    on), ``delta`` ``[K, n_query_units]`` (query loss after the re-fit minus at w*), their cost."""
+    on), ``delta`` ``[K, n_query_units]`` (query loss after the re-fit minus at w*), their cost. With row
+    shards ``kept`` covers this rank's units and ``shard`` sums each prediction over every rank's."""
 
     kept: torch.Tensor
     delta: torch.Tensor
     seconds: float
     gradient_evaluations: int
+    shard: RowShard | None = None
 
 
 def _sequence_of_units(units: Units, n_sequences: int, device: torch.device) -> torch.Tensor:
@@ -48,25 +51,31 @@ def _sequence_of_units(units: Units, n_sequences: int, device: torch.device) -> 
 
 def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: LossFn, train_batches: list,
                 train_units: Units, query_batches: list, query_units: Units, query_at_w_star: torch.Tensor, *,
-                per_token: bool, refits: int, steps: int, seed: int) -> RefitProbe:  # fmt: skip
+                per_token: bool, refits: int, steps: int, seed: int,
+                shard: RowShard | None = None) -> RefitProbe:  # fmt: skip
     """``refits`` warm-started re-fits on random halves (see the module docstring). The weights are left
-    exactly as they were."""
+    exactly as they were. With ``shard`` (row shards) ``train_batches`` are this rank's sequences
+    ``shard.lo ..``: the halves are drawn over every rank's, and each Adam step takes the gradient summed
+    across the ranks, as the single process's would be."""
     t0 = time.perf_counter()
     device = params[0].device
     sizes = [int(batch_len(b) or 0) for b in train_batches]
     n_seq = sum(sizes)
+    total = n_seq if shard is None else int(shard.check(None, torch.tensor([float(n_seq)]))[0])
     gen = torch.Generator().manual_seed(seed + 0x5EED)
-    halves = torch.rand(refits, n_seq, generator=gen) < 0.5
+    halves = torch.rand(refits, total, generator=gen) < 0.5
+    if shard is not None:
+        halves = halves[:, shard.lo : shard.lo + n_seq]
     w0 = [p.detach().clone() for p in params]
     scale = max(float(torch.cat([w.reshape(-1).float() for w in w0]).square().mean().sqrt()), 1e-3)
     deltas = []
     for k in range(refits):
-        weights = _subset_weights(model, loss_fn, train_batches, sizes, halves[k].to(device), per_token)
+        weights = _subset_weights(model, loss_fn, train_batches, sizes, halves[k].to(device), per_token, shard)
         opt = torch.optim.Adam(params, lr=1e-2 * scale)
         try:
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                _subset_loss(model, loss_fn, train_batches, weights, per_token).backward()
+                _subset_backward(model, loss_fn, train_batches, weights, per_token, params, shard)
                 opt.step()
             outs, _ = evaluate(model, query_batches, loss_fn, per_token, "query")
             deltas.append(query_units.gather(outs) - query_at_w_star)
@@ -76,24 +85,51 @@ def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn:
                     p.copy_(w)
     seq = _sequence_of_units(train_units, n_seq, device)
     kept = halves.to(device)[:, seq].float()
-    return RefitProbe(kept, torch.stack(deltas), time.perf_counter() - t0, refits * steps * n_seq)
+    return RefitProbe(kept, torch.stack(deltas), time.perf_counter() - t0, refits * steps * total, shard)
 
 
 def _subset_weights(model, loss_fn: LossFn, batches: list, sizes: list[int], keep: torch.Tensor,
-                    per_token: bool) -> list[torch.Tensor]:  # fmt: skip
+                    per_token: bool, shard: RowShard | None) -> list[torch.Tensor]:  # fmt: skip
     """Per batch, the weight of each loss in the mean over the kept sequences (per token: over their counted
-    positions), so that the weighted sum of the losses is that mean."""
-    weights, start = [], 0
+    positions; with ``shard``, every rank's), so that the weighted sum of the losses is that mean."""
+    weights, start, error = [], 0, None
     with torch.no_grad():
-        for batch, size in zip(batches, sizes, strict=True):
-            out, mask = loss_and_mask(loss_fn, model, batch, per_token)
-            rows = keep[start : start + size].to(out.dtype)
-            start += size
-            if out.dim() == 2:
-                rows = rows[:, None] * (torch.ones_like(out) if mask is None else mask.to(out.dtype))
-            weights.append(rows)
+        try:
+            for batch, size in zip(batches, sizes, strict=True):
+                out, mask = loss_and_mask(loss_fn, model, batch, per_token)
+                rows = keep[start : start + size].to(out.dtype)
+                start += size
+                if out.dim() == 2:
+                    rows = rows[:, None] * (torch.ones_like(out) if mask is None else mask.to(out.dtype))
+                weights.append(rows)
+        except Exception as e:
+            if shard is None:
+                raise
+            error = e
         count = float(sum(w.sum() for w in weights))
+        if shard is not None:
+            count = float(shard.check(error, torch.tensor([count]))[0])
     return [w / max(count, 1.0) for w in weights]
+
+
+def _subset_backward(model, loss_fn: LossFn, batches: list, weights: list[torch.Tensor], per_token: bool,
+                     params: Sequence[torch.Tensor], shard: RowShard | None) -> None:  # fmt: skip
+    """The gradient of the weighted mean into ``params``' ``.grad`` (with ``shard``: summed over the ranks)."""
+    error = None
+    try:
+        if batches:
+            _subset_loss(model, loss_fn, batches, weights, per_token).backward()
+    except Exception as e:
+        if shard is None:
+            raise
+        error = e
+    if shard is None:
+        return
+    shard.check(error)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        shard.sum_(p.grad)
 
 
 def _subset_loss(model, loss_fn: LossFn, batches: list, weights: list[torch.Tensor], per_token: bool) -> torch.Tensor:
@@ -119,6 +155,8 @@ def _correlations(pred: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def _predictions(bif: torch.Tensor, probe: RefitProbe) -> tuple[torch.Tensor, torch.Tensor]:
     """``[K, p]`` the BIF's predicted change of each query unit per re-fit, and the observed change."""
     pred = probe.kept.to(torch.float64) @ bif.to(probe.kept.device, torch.float64)
+    if probe.shard is not None:  # each rank's units' share of the sums
+        probe.shard.sum_(pred)
     return pred, probe.delta.to(torch.float64)
 
 
