@@ -191,7 +191,10 @@ def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, 
         torch.testing.assert_close(got, getattr(alone, name), rtol=1e-3, atol=tol)
     if per_token:
         assert torch.equal(torch.cat([sh.train_index for sh in shards]), alone.train_index)
+    # Full-batch shards batch their chains as one process does (minibatch shards run them one by one).
+    batched = alone.diagnostics["chain_batch"] if case.startswith("shard_full") else 1
     for sh in shards:
+        assert sh.diagnostics["chain_batch"] == batched
         assert sh.diagnostics["num_draws_used"] == alone.diagnostics["num_draws_used"]
         torch.testing.assert_close(torch.tensor(sh.diagnostics["chain_mean_train_loss"]),
                                    torch.tensor(alone.diagnostics["chain_mean_train_loss"]), rtol=1e-4,

@@ -251,14 +251,17 @@ class BatchedChains:
             self.batch.update()
 
     def step_with_losses(self) -> list[torch.Tensor]:
-        self.run.state.own_mode()
-        outs = self.batch.full_gradient(self.run.full.batches, self.run.full.count)
+        run = self.run
+        run.state.own_mode()
+        outs = run.checked(lambda: self.batch.full_gradient(run.full.batches, run.full.count))
+        if run.shard is not None:  # this rank's rows of the full batch; full.count is every rank's
+            run.shard.sum_(self.batch.grad[: self.batch.c])
         self.batch.update()
         return outs
 
     def evaluate(self, batches: list) -> list[torch.Tensor]:
         self.run.state.eval_mode()
-        return self.batch.evaluate(batches)
+        return self.run.checked(lambda: self.batch.evaluate(batches))
 
     def distance(self) -> torch.Tensor:
         return self.batch.distance()
@@ -332,10 +335,13 @@ def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_sourc
     """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
     (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``. ``full``:
     full-batch steps over these batches; ``control``: minibatch gradients with that control variate;
-    ``shard``: gradients summed across the ranks (``shard_rows``; chains one by one)."""
+    ``shard``: gradients summed across the ranks (``shard_rows``; batched with full-batch gradients of a
+    model that is not FSDP-sharded, where every rank's trial passes, else one by one)."""
     run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full, control, shard)
-    if size > 1 and shard is None:
+    if size > 1 and (shard is None or (full is not None and not shard.fsdp)):
         batch, why_not = _try_chain_batch(run, opt, size, checks)
+        if shard is not None and shard.any([batch is None])[0]:  # every rank takes the same path
+            batch, why_not = None, why_not or "another rank's trial of batched chains failed"
         if batch is not None:
             return BatchedChains(run, batch)
         log = logger.warning if config.chain_batch != "auto" else logger.info

@@ -200,6 +200,8 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
         state.restore_with(opt.put_back)
     eval_rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
     size = chain_batch_size(config, device, opt.numel, n, p, cov_dtype, eval_rows)
+    if rows.shard is not None:  # the ranks' rows differ, their chain groups must not
+        size = min(rows.shard.ranks.all_gather(size))
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
     control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
                                config, device), per_token) if config.control_variate else None  # fmt: skip
