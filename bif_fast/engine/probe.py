@@ -126,10 +126,12 @@ def _subset_backward(model, loss_fn: LossFn, batches: list, weights: list[torch.
     if shard is None:
         return
     shard.check(error)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        shard.sum_(p.grad)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = shard.sum_(torch.cat([g.reshape(-1) for g in grads]))  # one reduction for every parameter
+    start = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[start : start + g.numel()].view_as(g)
+        start += g.numel()
 
 
 def _subset_loss(model, loss_fn: LossFn, batches: list, weights: list[torch.Tensor], per_token: bool) -> torch.Tensor:
