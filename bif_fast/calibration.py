@@ -170,7 +170,7 @@ def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *
         device = sampled[0].device
         mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
         sides = _eval_sets(model, mine, query, loss_fn, probe_config, per_token, device, ranks, shard)
-        curv = _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed, shard)
+        curv = _agreed_curvature(ranks, _curvature(model, sampled, loss_fn, sides[0].batches, per_token, seed, shard))
         curv["implied_weight_decay"] = ranks.agree(_implied_weight_decay(model, sampled, loss_fn, sides[0].batches,
                                                                          per_token, shard))  # fmt: skip
         # One full-batch gradient costs about this much (the curvature took two per Hessian-vector product).
@@ -210,24 +210,35 @@ def _shard(shard_rows: bool, train: Any, sampled: list[torch.Tensor]) -> RowShar
 
 def _eval_sets(model, train: Any, query: Any, loss_fn: LossFn, config: BIFConfig, per_token: bool,
                device: torch.device, ranks: Ranks, shard: RowShard | None) -> list:  # fmt: skip
-    """The probe's evaluation sets at w* (with ``shard``: this rank's training rows); a rank that fails
-    makes every rank raise."""
+    """The probe's evaluation sets at w* (with ``shard``: this rank's training rows); inside a process group
+    a rank that fails makes every rank raise."""
     error, sides = None, None
     try:
         sides = [eval_set(model, d, loss_fn, config, per_token, device, name)
                  for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
     except Exception as e:
-        if shard is None:
+        if not ranks.active:
             raise
         error = e
     ranks.raise_if_any_failed(error)
     return sides
 
 
+def _agreed_curvature(ranks: Ranks, curv: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's curvature on every rank (the figures and the eigenvectors)."""
+    if not ranks.active:
+        return curv
+    eigvecs = curv.pop("eigvecs")
+    curv = ranks.agree(curv)
+    if eigvecs is not None:
+        ranks.broadcast_(eigvecs)
+    return {**curv, "eigvecs": eigvecs}
+
+
 def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int,
                shard: RowShard | None = None) -> dict[str, Any]:  # fmt: skip
     """Top eigenpairs (Lanczos) and the most negative eigenvalue of the Hessian of the mean training loss
-    (with ``shard``: of every rank's rows, formed together; rank 0's figures are kept by every rank)."""
+    (with ``shard``: of every rank's rows, formed together)."""
     t0 = time.perf_counter()
     numel = sum(p.numel() for p in sampled)
     rank = min(MASS_RANK, numel - 1)
@@ -239,16 +250,11 @@ def _curvature(model, sampled, loss_fn, batches, per_token: bool, seed: int,
     eigvals = pairs["eigvals"]
     lam_max = float(eigvals[0])
     lam_min, hvps = _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token, lam_max, seed, shard=shard)
-    curv = {"lam_max": lam_max, "lam_min": lam_min, "eigvals": [float(x) for x in eigvals],
-            "mass_rank": rank if fits else 0, "hvps": pairs["hvps"] + hvps, "seconds": time.perf_counter() - t0,
+    return {"lam_max": lam_max, "lam_min": lam_min, "eigvals": [float(x) for x in eigvals],
+            "eigvecs": pairs["eigvecs"] if fits else None, "mass_rank": rank if fits else 0,
+            "hvps": pairs["hvps"] + hvps, "seconds": time.perf_counter() - t0,
             "rule": "Lanczos on central-difference Hessian-vector products of the full-batch mean loss at w*",
             }  # fmt: skip
-    eigvecs = pairs["eigvecs"] if fits else None
-    if shard is not None:
-        curv = shard.ranks.agree(curv)
-        if eigvecs is not None:
-            shard.ranks.broadcast_(eigvecs)
-    return {**curv, "eigvecs": eigvecs}
 
 
 def _lowest_eigenvalue(model, sampled, loss_fn, batches, per_token: bool, lam_max: float, seed: int,

@@ -73,6 +73,8 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
         res = compute_bif(model, train, query, loss_fn=loss_fn)
         res.save(Path(tmp) / f"{case}-rank{rank}")
         return {"config": res.config.to_dict()}
+    if case == "everywhere":  # calibrate called on every rank, chains split: the pilots' too
+        return {"config": calibrate(model, train, query, loss_fn=loss_fn, budget_seconds=BUDGET).to_dict()}
     cfg = calibrate(model, train, query, loss_fn=loss_fn, per_token=per_token, budget_seconds=BUDGET, shard_rows=True)
     res = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token, config=_sharded_config(cfg))
     res.save(Path(tmp) / f"{case}-rank{rank}")
@@ -100,6 +102,14 @@ def test_calibrated_defaults_in_a_process_group_are_chosen_on_rank_0_for_every_r
     alone = compute_bif(model, train, query, loss_fn=loss_fn, config=dataclasses.replace(configs[0], time_limit=None))
     scale = float(alone.bif.abs().max())
     torch.testing.assert_close(got[0].bif, alone.bif, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_calibrate_on_every_rank_returns_one_config(tmp_path):
+    """calibrate() called on every rank of a group (no shard_rows): the pilots split their chains across the
+    ranks and every time measured is rank 0's, so every rank returns the same settings."""
+    configs = _configs(spawn_ranks(_worker, 2, tmp_path, "everywhere"))
+    assert configs[0] == configs[1] and not configs[0].shard_rows
+    assert configs[0].calibration["length"]["draws"] == configs[0].num_draws
 
 
 @pytest.mark.parametrize("case", ["shard_sample", "shard_token"])
