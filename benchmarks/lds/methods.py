@@ -13,7 +13,8 @@ from torch.func import functional_call, grad, vmap
 
 from benchmarks.lds.settings import Setting
 
-__all__ = ["Attribution", "bif", "exact_if", "float32_problem", "graddot", "gradsim", "per_example_grads"]
+__all__ = ["Attribution", "bif", "bif_sharded", "exact_if", "float32_problem", "graddot", "gradsim",
+           "per_example_grads"]
 
 
 @dataclass
@@ -112,15 +113,64 @@ def bif(setting: Setting, model: torch.nn.Module, config=None, label: str = "BIF
     t0 = time.perf_counter()
     res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=config)
     seconds = time.perf_counter() - t0
-    cfg = res.config
+    info = {"diverged": res.diagnostics["diverged"], "config": res.config.to_dict()}
+    return Attribution(label, res.bif.double(), seconds, _bif_grad_evals(setting, res.config, res.diagnostics), info)
+
+
+def _bif_grad_evals(setting: Setting, cfg, diagnostics: dict) -> float:
     steps = cfg.num_chains * (cfg.num_burnin_steps + (cfg.num_draws - 1) * cfg.num_steps_bw_draws)
     full = cfg.batch_size == "full"
-    reused = res.diagnostics.get("forward_reuse", False)  # a draw's training losses come from the step's forward
+    reused = diagnostics.get("forward_reuse", False)  # a draw's training losses come from the step's forward
     n_eval = (0 if reused else setting.n_train) + setting.x_query.shape[0]
     evals = steps * (setting.n_train if full else min(cfg.batch_size, setting.n_train)) + 0.5 * cfg.total_draws * n_eval
-    evals += res.diagnostics.get("calibration_grad_evals", 0)
-    info = {"diverged": res.diagnostics["diverged"], "config": cfg.to_dict()}
-    return Attribution(label, res.bif.double(), seconds, evals, info)
+    return evals + diagnostics.get("calibration_grad_evals", 0)
+
+
+def bif_sharded(name: str, setting: Setting, model: torch.nn.Module, world: int = 2) -> Attribution:
+    """The calibrated defaults over row shards: ``world`` gloo processes on loopback, one torch thread each,
+    each calling ``bif_fast.calibrate(..., shard_rows=True)`` and then ``compute_bif`` with its config; the
+    shards put together by their global rows. The wall time is rank 0's, from the calibration's start to
+    the result (process start-up and imports excluded)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(float32_problem(setting, model), f"{tmp}/problem.pt")
+        mp.start_processes(_sharded_worker, args=(world, tmp, name), nprocs=world, start_method="spawn")
+        parts = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
+    rows = torch.cat([p["rows"] for p in parts])
+    if not torch.equal(rows, torch.arange(setting.n_train)):
+        raise RuntimeError(f"the shards' rows are not the training set's: {rows.tolist()[:10]} ...")
+    scores = torch.cat([p["bif"] for p in parts]).double()
+    from bif_fast import BIFConfig
+
+    cfg = BIFConfig.from_dict(parts[0]["config"])
+    info = {"diverged": parts[0]["diverged"], "config": parts[0]["config"], "world": world}
+    return Attribution(f"BIF (defaults, {world} row shards)", scores, parts[0]["seconds"],
+                       _bif_grad_evals(setting, cfg, parts[0]["diagnostics"]), info)  # fmt: skip
+
+
+def _sharded_worker(rank: int, world: int, tmp: str, name: str) -> None:
+    import torch.distributed as dist
+
+    import bif_fast
+    from benchmarks.lds.settings import SETTINGS
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        setting = SETTINGS[name]()
+        m32, train, query = torch.load(f"{tmp}/problem.pt", weights_only=False)
+        t0 = time.perf_counter()
+        cfg = bif_fast.calibrate(m32, train, query, loss_fn=setting.loss_fn, shard_rows=True)
+        res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=cfg)
+        seconds = time.perf_counter() - t0
+        keep = {k: res.diagnostics.get(k) for k in ("forward_reuse", "calibration_grad_evals") if k in res.diagnostics}
+        torch.save({"bif": res.bif, "rows": res.train_rows, "seconds": seconds, "config": cfg.to_dict(),
+                    "diverged": res.diagnostics["diverged"], "diagnostics": keep}, f"{tmp}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
 
 
 def _float32_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,6 +3,7 @@
     python -m benchmarks.lds.run                               # all settings, all methods
     python -m benchmarks.lds.run --settings digits --methods graddot,if,bif-default
     python -m benchmarks.lds.run --rebuild                     # retrain the ground truth (cached otherwise)
+    python -m benchmarks.lds.run --methods bif-default,bif-sharded   # the defaults alone and over 2 row shards
 
 Rows go to ``benchmarks/results/lds.csv`` (metric ``lds``, p50 = mean, p20/p80 = mean ∓ s.e.; and
 ``seconds`` and ``grad_evals``), the table to stdout and ``benchmarks/lds/results.md``, plots of LDS against
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.lds.ground_truth import ground_truth
-from benchmarks.lds.methods import Attribution, bif, bif_kinetic, exact_if, graddot, gradsim
+from benchmarks.lds.methods import Attribution, bif, bif_kinetic, bif_sharded, exact_if, graddot, gradsim
 from benchmarks.lds.metrics import lds, subset
 from benchmarks.lds.settings import SETTINGS, Setting
 
@@ -30,6 +31,8 @@ DAMPINGS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4)
 # found (large nbeta for a smooth minimum, small nbeta for a non-smooth one).
 KINETIC = ((1e6, 3e-3), (1e4, 1e-2))
 METHODS = ("graddot", "gradsim", "if", "ekfac", "bif-default", "bif-kinetic")
+# Run only when asked (--methods bif-sharded): the calibrated defaults over 2 gloo row shards.
+EXTRA_METHODS = ("bif-sharded",)
 
 
 def _reference_model(setting: Setting, gt) -> torch.nn.Module:
@@ -64,8 +67,10 @@ def run_setting(name: str, methods: list[str], rebuild: bool, log=print) -> list
                 atts = [bif(setting, model, None)]
             elif method == "bif-kinetic":
                 atts = [bif_kinetic(setting, model, nbeta=nb, damping=dmp) for nb, dmp in KINETIC]
+            elif method == "bif-sharded":
+                atts = [bif_sharded(name, setting, model)]
             else:
-                raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+                raise ValueError(f"unknown method {method!r}; expected one of {METHODS + EXTRA_METHODS}")
         except ImportError as exc:
             log(f"{name}: {method} skipped ({exc})")
             continue
