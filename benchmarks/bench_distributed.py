@@ -19,8 +19,17 @@ draws, minibatch 16), both with the standard error on.
     python benchmarks/bench_distributed.py              # 3 repeats, records benchmarks/results/distributed.csv
     python benchmarks/bench_distributed.py --repeats 1 --no-record
 
-On a GPU (one lent to a session), the per-token BIF of a Pythia-410M-shaped model belongs here too
-(issue 12's GPU figures); it is not written yet.
+``--pythia 410m`` (on a GPU) is the paper's scaling setting instead, in one process: the per-token BIF of
+a randomly initialised Pythia-410M-shaped GPT-NeoX (24 layers, width 1,024, 16 heads, MLP 4,096,
+vocabulary 50,304, parallel residual, rotary on a quarter of each head) in bf16, its attention and MLP
+weights sampled (SGLD, minibatch 8), 400 training sequences x 150 tokens against 18 queries
+(n x p = 59,600 x 2,682 tokens), a few draws. It prints and records the time per draw, the tokens
+evaluated per second, the peak device memory, and the share of a draw spent outside the model's own
+forward and backward (the transformer trunk, timed alone over the same batches). ``--pythia tiny`` is the
+same at toy size, for a CPU check that the script runs.
+
+    python benchmarks/bench_distributed.py --pythia 410m --device cuda --draws 8
+    python benchmarks/bench_distributed.py --pythia tiny --device cpu --draws 3 --no-record
 """
 
 from __future__ import annotations
@@ -120,12 +129,113 @@ def _run(world: int, name: str) -> tuple[dict, torch.Tensor]:
         return out, load_file(f"{tmp}/bif.safetensors")["bif"]
 
 
+# (width, layers, heads, MLP width, vocabulary, training sequences, queries, tokens per sequence)
+PYTHIA = {"410m": (1024, 24, 16, 4096, 50304, 400, 18, 150), "tiny": (64, 2, 4, 256, 512, 16, 3, 24)}
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i]}
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _trunk_seconds(model, batches: list, device: torch.device, backward: bool, repeats: int = 3) -> float:
+    """Median time of the transformer trunk (``model.base_model``) alone over ``batches``: forward, or
+    forward and backward of its output's sum."""
+    times = []
+    for _ in range(repeats):
+        t0 = _sync(device)
+        for batch in batches:
+            with torch.set_grad_enabled(backward):
+                out = model.base_model(input_ids=batch["input_ids"]).last_hidden_state
+                if backward:
+                    out.float().sum().backward()
+        times.append(_sync(device) - t0)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def pythia(scale: str, device: torch.device, draws: int, chains: int = 1) -> dict:
+    """The scaling setting's figures (module docstring) as a dict."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from bif_fast import BIFConfig, SGLDConfig, compute_bif
+    from bif_fast.engine.data import eval_batches
+    from bif_fast.losses import causal_lm
+
+    width, layers, heads, mlp, vocab, n_train, n_query, length = PYTHIA[scale]
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=mlp, rotary_pct=0.25, max_position_embeddings=2048,
+                        use_parallel_residual=True)  # fmt: skip
+    with torch.device(device):
+        model = GPTNeoXForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, vocab, (n_train + n_query, length), generator=torch.Generator().manual_seed(0))
+    train, query = _Tokens(ids[:n_train]), _Tokens(ids[n_train:])
+    params = [p for n, p in model.named_parameters() if (".attention." in n or ".mlp." in n) and n.endswith("weight")]
+    config = BIFConfig(sgld=SGLDConfig(lr=1e-6, nbeta=100.0, localization=1e4), num_chains=chains, num_draws=draws,
+                       batch_size=8, seed=0)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    t0 = _sync(device)
+    res = compute_bif(model, train, query, loss_fn=causal_lm(model), config=config, per_token=True, params=params)
+    seconds = _sync(device) - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    d = res.diagnostics
+    loop = sum(d["chain_seconds"])  # the chains' sampling loops (one chain at a time here)
+    per_draw = loop / d["num_draws_used"]
+    rows_per_batch = d["eval_batch_size"]["train"] or config.eval_batch_size  # the run's evaluation batches
+    evals = [b for side in (train, query) for b in eval_batches(side, rows_per_batch, device)]
+    sgld = eval_batches(train, config.batch_size, device)[:1]
+    # A draw: every training and query sequence forward, then num_steps_bw_draws SGLD steps of 8 sequences.
+    trunk = _trunk_seconds(model, evals, device, backward=False) + config.num_steps_bw_draws * _trunk_seconds(
+        model, sgld, device, backward=True)
+    n, p = res.bif.shape
+    sampled = sum(q.numel() for q in params)
+    return {"n": n, "p": p, "draws": d["num_draws_used"], "seconds": seconds, "seconds_per_draw": per_draw,
+            "tokens_per_s": (n_train + n_query) * (length - 1) / per_draw, "peak_gb": peak / 2**30,
+            "model_gb": base / 2**30, "sampled_params": sampled, "trunk_seconds_per_draw": trunk,
+            "share_outside_trunk": max(0.0, 1.0 - trunk / per_draw), "diverged": d["diverged"]}  # fmt: skip
+
+
+def _pythia_main(args) -> None:
+    device = torch.device(args.device)
+    got = pythia(args.pythia, device, args.draws)
+    for key, value in got.items():
+        print(f"{key:24s} {value:.4g}" if isinstance(value, float) else f"{key:24s} {value}")
+    shape = f"pythia-{args.pythia}:n={got['n']},p={got['p']},draws={got['draws']}"
+    common = {"provider": "bif_fast", "mode": f"per-token,bf16,{device.type}", "shape": shape, "dtype": "bfloat16",
+              "n_runs": 1}  # fmt: skip
+    units = {"seconds_per_draw": "s", "tokens_per_s": "1/s", "peak_gb": "GiB", "share_outside_trunk": "ratio"}
+    rows = [{**common, "metric": k, "unit": u, "p50": got[k], "p20": got[k], "p80": got[k]} for k, u in units.items()]
+    if not args.no_record:
+        print(f"recorded in {write_rows('distributed', rows)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", default="mlp,token")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--pythia", choices=sorted(PYTHIA), help="the Pythia-410M-shaped scaling setting instead")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--draws", type=int, default=8)
     args = ap.parse_args()
+    if args.pythia:
+        _pythia_main(args)
+        return
     rows = []
     for name in args.problems.split(","):
         got: dict[int, list[dict]] = {1: [], 2: []}

@@ -2,7 +2,7 @@
 # One prepared GPU session (device tool): build the extension for the GPU, run the CUDA tests and the
 # kernel benchmarks, and leave every log and CSV under $OUT. Run from the repository root:
 #   bash benchmarks/gpu_check.sh            (the device tool sets $OUT)
-# Budget: ~6 minutes on an H200; every step has its own timeout so one hang cannot eat the rest.
+# Budget: ~7 minutes on an H200; every step has its own timeout so one hang cannot eat the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -22,6 +22,8 @@ step bench_cross_entropy 300 python benchmarks/bench_cross_entropy.py --device c
 step bench_running_cov 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3
 step bench_chain_batch 120 python benchmarks/bench_chain_batch.py --device cuda --repeats 3 --draws 50
 step bench_full_batch_sampler 150 python benchmarks/bench_full_batch_sampler.py --device cuda --repeats 3 --draws 100
+# Issue 12's scaling figures: Pythia-410M-shaped, bf16, per token, 400 x 150 training tokens x 18 queries.
+step bench_pythia 240 python benchmarks/bench_distributed.py --pythia 410m --device cuda --draws 8
 BIF_FAST_COV_FUSED=1 step bench_running_cov_fused 240 python benchmarks/bench_running_cov.py --device cuda --repeats 3 --providers bif_fast,devinterp-style
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 echo "results in $OUT"
