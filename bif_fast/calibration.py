@@ -474,6 +474,14 @@ class _Search:
         self.trial = {"chain_batch": d["chain_batch"], "draws": draws, "seconds": d["seconds"], "loop_seconds": loop}
         return loop / (FINAL_CHAINS * (draws - 1)), max(d["seconds"] - loop, 0.0)
 
+    def gradient_evaluations(self) -> int:
+        """Per-sequence gradients the calibration took: two full batches per Hessian-vector product and one
+        for the weight decay, the probe's re-fit steps, and a full batch per chain-step of the pilots and
+        the speed trial (their forward-only query evaluations are not counted)."""
+        trial_steps = 0 if self.trial is None else FINAL_CHAINS * (self.trial["draws"] - 1)
+        full_batches = 2 * self.curv["hvps"] + 1 + self.pilot_steps + trial_steps
+        return int(self.n_sequences * full_batches + self.probe.gradient_evaluations)
+
     @staticmethod
     def draws_for(seconds: float, per_step: float) -> int:
         return int(min(MAX_DRAWS, max(MIN_DRAWS, seconds / max(per_step, 1e-9) / FINAL_CHAINS)))
@@ -511,6 +519,7 @@ class _Search:
                        "rule": "as many draws as the time budget leaves, sampling stopped at the time planned for "
                                f"them (at least {LIMIT_SLACK:g} x the estimate of {MIN_DRAWS} draws)"},
             "pilot_seconds": self.pilot_seconds,
+            "gradient_evaluations": self.gradient_evaluations(),
             "seconds": self.ranks.agree(time.perf_counter() - t0),
         }  # fmt: skip
         logger.info("bif_fast calibrate: nbeta %.3g, damping %.3g, lr %.3g, %d x %d draws (%.1f s)", sgld.nbeta,

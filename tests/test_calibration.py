@@ -71,6 +71,13 @@ def test_calibrate_reads_the_curvature_the_weight_decay_and_the_stable_step_off_
     assert sgld.friction == pytest.approx(2 * math.sqrt(sgld.nbeta * (WD + damping)), rel=1e-3)
     assert calibration.MIN_DRAWS <= cfg.num_draws <= 400 and cfg.num_chains == calibration.FINAL_CHAINS
     assert {"candidates", "probe", "length", "nbeta", "seconds"} <= set(cal)
+    # Its own cost in per-sequence gradients, from the record: every Hessian-vector product's two full batches
+    # and the weight decay's one, the re-fits, each pilot's chain-steps and the speed trial's.
+    n, trial = len(train), cal["length"]["speed_trial"]
+    pilot_steps = len(cal["candidates"]) * calibration.PILOT_CHAINS * (cal["probe"]["pilot_draws"] - 1)
+    full_batches = 2 * cal["curvature"]["hvps"] + 1 + pilot_steps + calibration.FINAL_CHAINS * (trial["draws"] - 1)
+    assert cal["gradient_evaluations"] == n * full_batches + cal["probe"]["gradient_evaluations"]
+    assert cal["probe"]["gradient_evaluations"] == calibration.REFITS * cal["probe"]["steps"] * n
     # The length comes from a speed trial of the final run's own shape (all its chains at once here).
     trial = cal["length"]["speed_trial"]
     assert trial["chain_batch"] == calibration.FINAL_CHAINS

@@ -123,7 +123,7 @@ def _bif_grad_evals(setting: Setting, cfg, diagnostics: dict) -> float:
     reused = diagnostics.get("forward_reuse", False)  # a draw's training losses come from the step's forward
     n_eval = (0 if reused else setting.n_train) + setting.x_query.shape[0]
     evals = steps * (setting.n_train if full else min(cfg.batch_size, setting.n_train)) + 0.5 * cfg.total_draws * n_eval
-    return evals + diagnostics.get("calibration_grad_evals", 0)
+    return evals + (cfg.calibration or {}).get("gradient_evaluations", 0)  # the calibrated defaults' own cost
 
 
 def bif_sharded(name: str, setting: Setting, model: torch.nn.Module, world: int = 2) -> Attribution:
@@ -166,7 +166,7 @@ def _sharded_worker(rank: int, world: int, tmp: str, name: str) -> None:
         cfg = bif_fast.calibrate(m32, train, query, loss_fn=setting.loss_fn, shard_rows=True)
         res = bif_fast.compute_bif(m32, train, query, loss_fn=setting.loss_fn, config=cfg)
         seconds = time.perf_counter() - t0
-        keep = {k: res.diagnostics.get(k) for k in ("forward_reuse", "calibration_grad_evals") if k in res.diagnostics}
+        keep = {"forward_reuse": res.diagnostics.get("forward_reuse", False)}
         torch.save({"bif": res.bif, "rows": res.train_rows, "seconds": seconds, "config": cfg.to_dict(),
                     "diverged": res.diagnostics["diverged"], "diagnostics": keep}, f"{tmp}/rank{rank}.pt")  # fmt: skip
     finally:
