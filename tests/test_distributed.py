@@ -50,8 +50,10 @@ def _config(case: str) -> BIFConfig:
                               mass="curvature", mass_rank=3)  # fmt: skip
         batch_size = "full" if case.startswith("shard_full") else 8
         per_update = 5 if "ckpt" in case else 32  # resumable cases: several accumulator updates (and writes) a chain
-        return BIFConfig(sgld=sgld, num_chains=3, num_draws=30, num_steps_bw_draws=2, batch_size=batch_size, seed=3,
-                         shard_rows=True, draws_per_update=per_update)  # fmt: skip
+        # "time": far more draws than its time limit allows
+        draws, limit = (100000, 1.0) if case.endswith("time") else (30, None)
+        return BIFConfig(sgld=sgld, num_chains=3, num_draws=draws, num_steps_bw_draws=2, batch_size=batch_size,
+                         seed=3, shard_rows=True, draws_per_update=per_update, time_limit=limit)  # fmt: skip
     if case.endswith("mass"):  # BAOAB with the curvature mass (computed on rank 0, broadcast), full batch
         sgld = SGLDConfig(lr=0.02, nbeta=50.0, localization=20.0, sampler="baoab", friction=5.0,
                           mass="curvature", mass_rank=3)  # fmt: skip
@@ -111,6 +113,7 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
     if case.startswith("shard"):  # across the shards: every rank calls it
         values, rows = res.topk(3, normalized=False)
         out["topk"] = [values.tolist(), rows.tolist()]
+    out["time_limit"] = res.diagnostics["time_limit"]
     return out
 
 
@@ -203,6 +206,31 @@ def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, 
     for s in statuses:  # every rank got the global top 3 from the shards' candidates
         torch.testing.assert_close(torch.tensor(s["topk"][0]), values, rtol=1e-3, atol=1e-5 * scale)
         assert torch.equal(torch.tensor(s["topk"][1]), idx)
+
+
+def test_row_shards_stop_together_at_their_time_limit(tmp_path):
+    """A time limit under row shards: the ranks stop at the same draw (the first past the limit on any
+    rank), and the shards are one process's run of that many draws (full batch: the 3 chains are one
+    group, so every chain stops there)."""
+    import dataclasses
+
+    from bif_fast import BIFResult
+
+    torch.set_num_threads(1)
+    case = "shard_full_time"
+    statuses = _spawn(tmp_path, 2, case)
+    assert all(s["ok"] for s in statuses), statuses
+    limits = [s["time_limit"] for s in statuses]
+    assert limits[0] == {**limits[1], "seconds": limits[0]["seconds"]} and limits[0]["applied"]
+    draws = limits[0]["draws_after_stop"]
+    assert limits[0]["stopped_chains"] and 2 <= draws < _config(case).num_draws
+    model, train, query = _problem(case)
+    alone = compute_bif(model, train, query, loss_fn=_loss, config=dataclasses.replace(_config(case), num_draws=draws,
+                                                                                       time_limit=None))  # fmt: skip
+    shards = [BIFResult.load(tmp_path / f"{case}-rank{r}") for r in range(2)]
+    assert all(sh.diagnostics["num_draws_used"] == 3 * draws for sh in shards)
+    scale = float(alone.bif.abs().max())
+    torch.testing.assert_close(torch.cat([sh.bif for sh in shards]), alone.bif, rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):

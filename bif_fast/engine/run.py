@@ -217,7 +217,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
         saver(pool, traces)  # before the first chain: the config and mass this run samples with
     ours = range(config.num_chains) if rows.shard is not None else ranks.chains(config.num_chains)
     mine = [c for c in ours if c not in traces.finished]
-    limit = _TimeLimit.of(config, mine, chains.size, saver is not None, ranks.active)
+    limit = _TimeLimit.of(config, mine, chains.size, saver is not None, ranks.active and rows.shard is None)
     _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored, limit)
     return _Sampled(opt, chains, pool, traces, reuse, None if limit is None else limit.record())
 
@@ -226,7 +226,9 @@ class _TimeLimit:
     """``BIFConfig.time_limit`` over this run's groups of chains: a group may run until its share of the time
     left (over the groups left) and stops at its next draw past it; the first group stopped early caps the
     draws of every later group at its own, so the chains keep one length where they can. Off (``applied``
-    False, with the reason) where a run must be exact and reproducible: with a checkpoint, or on many ranks."""
+    False, with the reason) where a run must be exact and reproducible: with a checkpoint, or with the chains
+    split across ranks. Row shards step every chain in lockstep and stop together, at the first draw past the
+    time on any rank."""
 
     def __init__(self, seconds: float, groups: int, why_not: str | None):
         self.seconds, self.groups_left, self.why_not = seconds, groups, why_not
@@ -235,11 +237,11 @@ class _TimeLimit:
         self.stopped: list[int] = []  # the chains stopped early
 
     @classmethod
-    def of(cls, config: BIFConfig, mine: list[int], size: int, checkpointed: bool, many_ranks: bool):
+    def of(cls, config: BIFConfig, mine: list[int], size: int, checkpointed: bool, split_chains: bool):
         if config.time_limit is None:
             return None
         why_not = ("a checkpointed run resumes exactly, which a time limit would not" if checkpointed else
-                   "ranks would stop at different draws" if many_ranks else None)  # fmt: skip
+                   "ranks would stop at different draws" if split_chains else None)  # fmt: skip
         return cls(float(config.time_limit), -(-len(mine) // max(1, size)), why_not)
 
     @property
@@ -476,7 +478,7 @@ class _DrawLoop:
             start, dists, means, elapsed = self._resume(resume, accs)
         t_group, filled = time.perf_counter() - elapsed, 0
         for d in range(start, num_draws):
-            if deadline is not None and first_stop <= d < last and time.perf_counter() >= deadline:
+            if deadline is not None and first_stop <= d < last and self._past(deadline):
                 last = d
                 limit.stop(ids, d + 1)
             dists.append(chains.distance())
@@ -503,6 +505,11 @@ class _DrawLoop:
             if d == last:
                 break
         self._finish(ids, accs, dists, means, t_group)
+
+    def _past(self, deadline: float) -> bool:
+        """Whether the group's time is up; with row shards, on any rank (the ranks stop at the same draw)."""
+        past = time.perf_counter() >= deadline
+        return past if self.rows.shard is None else self.rows.shard.any([past])[0]
 
     def _finish(self, ids: list[int], accs: list, dists: list, means: list, t_group: float) -> None:
         traces, rows, shard = self.traces, ids, self.rows.shard
