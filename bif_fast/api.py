@@ -164,3 +164,6 @@ def _check_shard_rows(config: BIFConfig, train: Any, sampled: list) -> None:
     if config.sgld.mass == "curvature" and any_sharded(sampled):
         raise ValueError("shard_rows on an FSDP-sharded model does not combine with mass='curvature' yet (its "
                          "Lanczos differentiates the whole weights)")  # fmt: skip
+    if config.control_variate and any_sharded(sampled):
+        raise ValueError("shard_rows on an FSDP-sharded model does not combine with control_variate yet (its "
+                         "gradient at w* differentiates the whole weights)")  # fmt: skip

@@ -250,8 +250,6 @@ class BIFConfig:
                 raise ValueError(f"BIFConfig.{name} must be an int >= {low}, got {value!r}")
         if not isinstance(self.shard_rows, bool):
             raise ValueError(f"BIFConfig.shard_rows must be a bool, got {self.shard_rows!r}")
-        if self.shard_rows and self.control_variate:
-            raise ValueError("BIFConfig.shard_rows does not combine with control_variate yet")
         if not isinstance(self.control_variate, bool):
             raise ValueError(f"BIFConfig.control_variate must be a bool, got {self.control_variate!r}")
         if self.control_variate and self.batch_size == "full":

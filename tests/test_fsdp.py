@@ -150,6 +150,7 @@ def test_compute_bif_of_an_fsdp_model_is_the_unsharded_result(tmp_path, world, c
 
 
 @pytest.mark.parametrize(("case", "says"), [("refuse", "shard_rows=True"), ("refuse_mass", "mass='curvature'"),
+                                            ("refuse_cv", "control_variate"),
                                             ("refuse_calibrate", "FSDP-sharded model")])  # fmt: skip
 def test_what_an_fsdp_model_does_not_take_is_refused_on_every_rank(tmp_path, case, says):
     """Without shard_rows; with the curvature mass; calibrated over row shards (its re-fits and
@@ -171,8 +172,8 @@ def _refusal_worker(rank: int, world: int, tmp: str, case: str) -> dict:
     fully_shard(model)
     if case == "refuse_calibrate":
         calibrate(model, train, query, loss_fn=_loss, shard_rows=True)
-    config = _config("shard_full_mass") if case == "refuse_mass" else dataclasses.replace(_config("shard_sample"),
-                                                                                         shard_rows=False)
+    config = {"refuse_mass": _config("shard_full_mass"), "refuse_cv": _config("shard_sample_cv")}.get(
+        case, dataclasses.replace(_config("shard_sample"), shard_rows=False))
     compute_bif(model, train, query, loss_fn=_loss, config=config)
     return {}
 

@@ -87,6 +87,7 @@ class _Run:
         self.model, self.state, self.loss_fn, self.sgld_source = model, state, loss_fn, sgld_source
         self.config, self.device, self.per_token, self.full = config, device, per_token, full
         self.control, self.shard = control, shard
+        self.share = 1.0  # shard_rows: this rank's part of the last minibatch's count
 
     def sharded_minibatch_loss(self, batch: Any) -> torch.Tensor:
         """This rank's part of the minibatch mean loss (``shard_rows``): its losses' sum over the count of the
@@ -103,7 +104,9 @@ class _Run:
                 total, count = out.sum(), torch.tensor(float(out.numel()), dtype=torch.float64)
         except Exception as e:
             error = e
-        count = self.shard.check(error, count.reshape(1).cpu())
+        local = count.reshape(1).cpu()
+        count = self.shard.check(error, local)
+        self.share = float(local[0]) / max(float(count[0]), 1.0)
         return total / count.to(total.device, total.dtype).clamp_min(1) * self.shard.loss_scale
 
     def checked(self, fn: Callable[[], Any]) -> Any:
@@ -165,14 +168,28 @@ class SequentialChains:
             batch = next(self._batches)
             self.opt.zero_grad()
             if run.shard is not None:
-                run.checked(run.sharded_minibatch_loss(batch).backward)
+                run.checked(self._sharded_backward(batch))
                 self._sum_grads()
             else:
                 minibatch_loss(*loss_and_mask(run.loss_fn, run.model, batch, run.per_token), run.per_token).backward()
-            if run.control is not None:
-                run.control.apply_(self.opt.params, batch)
+                if run.control is not None:
+                    run.control.apply_(self.opt.params, batch)
             self.opt.raw_step()
             self.opt.release_grads()
+
+    def _sharded_backward(self, batch: Any) -> Callable[[], None]:
+        """This rank's part of the minibatch gradient (and of the control variate's correction) into ``.grad``:
+        the forward (a lockstep check of its own), then the rest as one function for ``checked``."""
+        run = self.run
+        loss = run.sharded_minibatch_loss(batch)
+
+        def backward() -> None:
+            loss.backward()
+            if run.control is not None:
+                shard = run.shard
+                run.control.apply_share_(self.opt.params, shard.local_batch(batch), run.share, shard.ranks.world)
+
+        return backward
 
     def _sum_grads(self) -> None:
         self.run.shard.reduce_grads_(self.opt.flat_grads())

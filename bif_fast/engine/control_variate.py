@@ -70,7 +70,22 @@ class ControlVariate:
 
     def apply_(self, params: Sequence[torch.Tensor], batch: Any) -> None:
         """Add the correction of ``batch`` to the ``.grad`` of ``params`` (after the backward at w)."""
-        corr, start = self.correction(batch), 0
+        self._add_(params, self.correction(batch))
+
+    def apply_share_(self, params: Sequence[torch.Tensor], local_batch: Any, share: float, world: int) -> None:
+        """Row shards (``BIFConfig.shard_rows``): add this rank's part of the correction, ``g(w*) / world -
+        share g_local(w*)``, to the ``.grad`` of ``params`` before the ranks' gradients are summed; ``share``
+        is this rank's part of the minibatch's count (rows, or positions that count), ``g_local`` the mean
+        gradient over its ``local_batch``. Summed over the ranks it is the whole correction."""
+        corr = self.full / world
+        if share > 0:
+            with torch.enable_grad():
+                grads = self._grad(self.anchor, local_batch)
+            corr = corr - share * self._flat(grads, ())
+        self._add_(params, corr)
+
+    def _add_(self, params: Sequence[torch.Tensor], corr: torch.Tensor) -> None:
+        start = 0
         for p in params:
             piece = corr[start : start + p.numel()].view_as(p).to(p.dtype)
             start += p.numel()

@@ -203,8 +203,10 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     if rows.shard is not None:  # the ranks' rows differ, their chain groups must not
         size = min(rows.shard.ranks.all_gather(size))
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
-    control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
-                               config, device), per_token) if config.control_variate else None  # fmt: skip
+    control = None
+    if config.control_variate:  # with row shards train's batches are this rank's rows; another source is whole
+        control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
+                                   config, device), per_token, rows.shard if sgld_source is train else None)
     chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control,
                          rows.shard)  # fmt: skip
     pool = Pool(n, p, device, cov_dtype, config, loss_dtype)
@@ -297,12 +299,14 @@ def _source_batches(sgld_source: Any, train: Any, train_side: EvalSet, config: B
     return (to_device(b, device) for b in loader)
 
 
-def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches, per_token: bool):
-    """The control variate at w*: its full-batch gradient in the model's own mode (the mode of the steps)."""
+def _control_variate(model, state: ModelState, sampled, loss_fn: LossFn, batches, per_token: bool,
+                     shard: RowShard | None):  # fmt: skip
+    """The control variate at w*: its full-batch gradient in the model's own mode (the mode of the steps;
+    with ``shard``, ``batches`` are this rank's training rows and the gradient is every rank's)."""
     state.own_mode()
     dtype = torch.float64 if sampled[0].dtype == torch.float64 else torch.float32
     try:
-        grad = full_gradient(model, sampled, loss_fn, batches, per_token, dtype=dtype)
+        grad = full_gradient(model, sampled, loss_fn, batches, per_token, dtype=dtype, shard=shard)
         return ControlVariate(model, sampled, loss_fn, per_token, grad)
     finally:
         state.eval_mode()
