@@ -65,9 +65,26 @@ def _sharded_config(cfg: BIFConfig) -> BIFConfig:
     return dataclasses.replace(cfg, num_draws=SHARDED_DRAWS, time_limit=None)
 
 
+class _FailingOnQuery:
+    """``loss_fn`` that raises on rank 1 at its ``at``-th call on the query set (the 2nd: the probe's first
+    re-fit evaluating the queries; later ones: the pilots' draws)."""
+
+    def __init__(self, loss_fn, query_rows: int, at: int):
+        self.loss_fn, self.query_rows, self.at, self.calls = loss_fn, query_rows, at, 0
+
+    def __call__(self, model, batch):
+        if batch[0].shape[0] == self.query_rows:
+            self.calls += 1
+            if torch.distributed.get_rank() == 1 and self.calls >= self.at:
+                raise FloatingPointError("boom on rank 1")
+        return self.loss_fn(model, batch)
+
+
 def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
     _short_runs()
     model, train, query, loss_fn = _problem(case)
+    if case.startswith("fail"):  # "fail_{at}"
+        loss_fn = _FailingOnQuery(loss_fn, len(query), int(case.split("_")[1]))
     per_token = "token" in case
     if case == "defaults":
         res = compute_bif(model, train, query, loss_fn=loss_fn)
@@ -102,6 +119,15 @@ def test_calibrated_defaults_in_a_process_group_are_chosen_on_rank_0_for_every_r
     alone = compute_bif(model, train, query, loss_fn=loss_fn, config=dataclasses.replace(configs[0], time_limit=None))
     scale = float(alone.bif.abs().max())
     torch.testing.assert_close(got[0].bif, alone.bif, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("at", [2, 12])
+def test_a_rank_failing_inside_the_sharded_calibration_fails_every_rank(tmp_path, at):
+    """Rank 1's loss_fn raising on the queries, in the probe's first re-fit (at=2) or in a pilot (at=12):
+    every rank raises at the end of that step (rank 0 a RankFailure naming rank 1), none waits."""
+    statuses = spawn_ranks(_worker, 2, tmp_path, f"fail_{at}")
+    assert statuses[1]["type"] == "FloatingPointError" and "boom on rank 1" in statuses[1]["message"], statuses
+    assert statuses[0]["type"] == "RankFailure" and "rank 1 of 2 failed" in statuses[0]["message"], statuses
 
 
 def test_calibrate_on_every_rank_returns_one_config(tmp_path):

@@ -77,8 +77,7 @@ def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn:
                 opt.zero_grad(set_to_none=True)
                 _subset_backward(model, loss_fn, train_batches, weights, per_token, params, shard)
                 opt.step()
-            outs, _ = evaluate(model, query_batches, loss_fn, per_token, "query")
-            deltas.append(query_units.gather(outs) - query_at_w_star)
+            deltas.append(_query_change(model, query_batches, loss_fn, per_token, query_units, query_at_w_star, shard))
         finally:  # every re-fit starts at w*, and the model ends there even when one raises
             with torch.no_grad():
                 for p, w in zip(params, w0, strict=True):
@@ -86,6 +85,17 @@ def refit_probe(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn:
     seq = _sequence_of_units(train_units, n_seq, device)
     kept = halves.to(device)[:, seq].float()
     return RefitProbe(kept, torch.stack(deltas), time.perf_counter() - t0, refits * steps * total, shard)
+
+
+def _query_change(model, batches: list, loss_fn: LossFn, per_token: bool, units: Units, at_w_star: torch.Tensor,
+                  shard: RowShard | None) -> torch.Tensor:  # fmt: skip
+    """The query units' losses now minus at w* (with ``shard``: a rank that fails makes every rank raise)."""
+
+    def change() -> torch.Tensor:
+        outs, _ = evaluate(model, batches, loss_fn, per_token, "query")
+        return units.gather(outs) - at_w_star
+
+    return change() if shard is None else shard.checked(change)
 
 
 def _subset_weights(model, loss_fn: LossFn, batches: list, sizes: list[int], keep: torch.Tensor,
