@@ -54,10 +54,24 @@ def _sq_tokens(model, batch):
     return 0.5 * (model(x).squeeze(-1) - y).square()
 
 
+class _MixedRidge(torch.nn.Module):
+    """The ridge model with a bf16 offset beside its fp32 weight (sampled weights of two dtypes)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.offset = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offset.float()
+
+
 def _problem(case: str):
     if "token" in case:
         return (*_ridge_tokens(), _sq_tokens)
     model, train, query, *_ = _ridge()
+    if "mixed" in case:
+        model = _MixedRidge(model)
     return model, train, query, _sq
 
 
@@ -83,14 +97,14 @@ class _FailingOnQuery:
 def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
     _short_runs()
     model, train, query, loss_fn = _problem(case)
-    if case.startswith("fail"):  # "fail_{at}"
-        loss_fn = _FailingOnQuery(loss_fn, len(query), int(case.split("_")[1]))
+    if "fail" in case:  # "[everywhere_]fail_{at}"
+        loss_fn = _FailingOnQuery(loss_fn, len(query), int(case.rsplit("_", 1)[1]))
     per_token = "token" in case
     if case == "defaults":
         res = compute_bif(model, train, query, loss_fn=loss_fn)
         res.save(Path(tmp) / f"{case}-rank{rank}")
         return {"config": res.config.to_dict()}
-    if case == "everywhere":  # calibrate called on every rank, chains split: the pilots' too
+    if case.startswith("everywhere"):  # calibrate called on every rank, chains split: the pilots' too
         return {"config": calibrate(model, train, query, loss_fn=loss_fn, budget_seconds=BUDGET).to_dict()}
     cfg = calibrate(model, train, query, loss_fn=loss_fn, per_token=per_token, budget_seconds=BUDGET, shard_rows=True)
     res = compute_bif(model, train, query, loss_fn=loss_fn, per_token=per_token, config=_sharded_config(cfg))
@@ -128,6 +142,22 @@ def test_a_rank_failing_inside_the_sharded_calibration_fails_every_rank(tmp_path
     statuses = spawn_ranks(_worker, 2, tmp_path, f"fail_{at}")
     assert statuses[1]["type"] == "FloatingPointError" and "boom on rank 1" in statuses[1]["message"], statuses
     assert statuses[0]["type"] == "RankFailure" and "rank 1 of 2 failed" in statuses[0]["message"], statuses
+
+
+def test_a_rank_failing_in_calibrate_on_every_rank_fails_every_rank(tmp_path):
+    """calibrate() on every rank without shard_rows: rank 1 raising in the probe (which it runs alone, over
+    every row) makes rank 0 raise a RankFailure at the next agreement instead of waiting there."""
+    statuses = spawn_ranks(_worker, 2, tmp_path, "everywhere_fail_2")
+    assert statuses[1]["type"] == "FloatingPointError", statuses
+    assert statuses[0]["type"] == "RankFailure" and "rank 1 of 2 failed" in statuses[0]["message"], statuses
+
+
+def test_sharded_calibration_of_weights_of_two_dtypes(tmp_path):
+    """An fp32 weight and a bf16 offset sampled together: the probe's summed gradients go back in each
+    weight's dtype, and every rank returns the same config."""
+    configs = _configs(spawn_ranks(_worker, 2, tmp_path, "shard_mixed"))
+    assert configs[0] == configs[1] and configs[0].shard_rows
+    assert configs[0].calibration["curvature"]["mass_rank"] == 0  # the mass needs fp32 weights: unit mass
 
 
 def test_calibrate_on_every_rank_returns_one_config(tmp_path):

@@ -141,6 +141,8 @@ def top_eigenpairs(model: torch.nn.Module, params: Sequence[torch.Tensor], loss_
         for _ in range(2):  # full reorthogonalisation, twice (classical Gram-Schmidt loses orthogonality once)
             hv -= basis[: j + 1].T @ (basis[: j + 1] @ hv)
         beta = float(hv.norm())
+        if shard is not None:  # every rank stops at the same step (its sums are the same; its rounding might not be)
+            beta = shard.ranks.agree(beta)
         if j + 1 == m or beta <= 1e-10 * max(abs(a) for a in alphas):
             break
         betas.append(beta)

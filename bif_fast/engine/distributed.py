@@ -94,7 +94,7 @@ class Ranks:
                 error, payload[0] = e, ("error", f"{type(e).__name__}: {e}")
             finally:
                 _ALONE.reset(token)
-        torch.distributed.broadcast_object_list(payload, src=0)
+        torch.distributed.broadcast_object_list(payload, src=0, device=self._object_device())
         if error is not None:
             raise error
         kind, value = payload[0]
@@ -108,7 +108,7 @@ class Ranks:
         if not self.active:
             return value
         payload = [value]
-        torch.distributed.broadcast_object_list(payload, src=0)
+        torch.distributed.broadcast_object_list(payload, src=0, device=self._object_device())
         return payload[0]
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -122,6 +122,13 @@ class Ranks:
             torch.distributed.broadcast(wire, src=0)
             tensor.copy_(wire)
         return tensor
+
+    @staticmethod
+    def _object_device() -> torch.device | None:
+        """Where an object collective stages its bytes: the current CUDA device under NCCL (else the default)."""
+        if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return None
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` itself where the backend moves tensors of its device, else a copy on the device it does

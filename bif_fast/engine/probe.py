@@ -140,7 +140,7 @@ def _subset_backward(model, loss_fn: LossFn, batches: list, weights: list[torch.
     flat = shard.sum_(torch.cat([g.reshape(-1) for g in grads]))  # one reduction for every parameter
     start = 0
     for p, g in zip(params, grads, strict=True):
-        p.grad = flat[start : start + g.numel()].view_as(g)
+        p.grad = flat[start : start + g.numel()].view_as(g).to(g.dtype)
         start += g.numel()
 
 

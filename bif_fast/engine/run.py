@@ -163,6 +163,12 @@ class _Rows:
         counts = shard.ranks.all_gather(n)
         return cls(shard, sum(counts[: shard.ranks.rank]), n, sum(counts))
 
+    def mean(self, values: torch.Tensor) -> float:
+        """The mean of ``values`` (one per local row) over every rank's rows."""
+        if self.shard is None:
+            return float(values.mean())
+        return float(self.shard.ranks.small_sum(values.double().sum().reshape(1))[0]) / max(self.total, 1)
+
     def global_index(self, index: torch.Tensor | None) -> torch.Tensor | None:
         """Per token: (sequence, position) of each local row with the sequence counted over all of train."""
         if index is None or self.shard is None:
@@ -195,7 +201,8 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
     n, p = sides[0].units.n, sides[1].units.n
     full = FullBatch(sides[0].batches, rows.total) if config.batch_size == "full" else None
-    opt = SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend, mass=mass)
+    opt = _set_up(rows.shard, lambda: SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend,
+                                           mass=mass))  # fmt: skip
     if opt.in_place:  # weights stepped in place get w* copied back; packed weights are re-pointed
         state.restore_with(opt.put_back)
     eval_rows = sum(s.units.num_sequences for s in sides)  # rows of the loss outputs per draw
@@ -205,8 +212,9 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
     control = None
     if config.control_variate:  # with row shards train's batches are this rank's rows; another source is whole
-        control = _control_variate(model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0],
-                                   config, device), per_token, rows.shard if sgld_source is train else None)
+        control = _set_up(rows.shard, lambda: _control_variate(
+            model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0], config, device), per_token,
+            rows.shard if sgld_source is train else None))  # fmt: skip
     chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control,
                          rows.shard)  # fmt: skip
     pool = Pool(n, p, device, cov_dtype, config, loss_dtype)
@@ -222,6 +230,12 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     limit = _TimeLimit.of(config, mine, chains.size, saver is not None, ranks.active and rows.shard is None)
     _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored, limit)
     return _Sampled(opt, chains, pool, traces, reuse, None if limit is None else limit.record())
+
+
+def _set_up(shard: RowShard | None, fn):
+    """``fn()``; with row shards followed by a lockstep check, so that a rank failing in a set-up step makes
+    every rank raise before the next collective."""
+    return fn() if shard is None else shard.checked(fn)
 
 
 class _TimeLimit:
@@ -453,6 +467,7 @@ class _DrawLoop:
         self.chains, self.pool, self.sides, self.config, self.reuse = chains, pool, sides, config, reuse
         self.rows = rows
         self.traces, self.saver, self.device = traces, saver, device
+        self.w_star_loss = rows.mean(sides[0].at_w_star)  # the escape check's baseline: over every rank's rows
         self.k = min(config.draws_per_update, config.num_draws)
         self.bufs = [torch.empty(self.k, chains.size, s.units.n, device=device, dtype=loss_dtype) for s in sides]
         self.pairs = _Pairs(self.bufs) if config.estimator == "lag1" else None
@@ -524,11 +539,12 @@ class _DrawLoop:
         traces.mean_train_loss[rows, :taken] = mean.to(traces.mean_train_loss.dtype)
         dist = torch.stack(dists, 1).div_(max(self.chains.numel, 1) ** 0.5)
         traces.distance[rows, :taken] = dist.to(traces.distance.dtype)
-        escapes = escaped_chains(traces.mean_train_loss[rows, :taken], float(self.sides[0].at_w_star.mean()),
-                                 self.config.max_excursion, traces.typical)  # fmt: skip
+        escapes = escaped_chains(traces.mean_train_loss[rows, :taken], self.w_star_loss, self.config.max_excursion,
+                                 traces.typical)  # fmt: skip
         flags = self.chains.diverged()
-        if shard is not None:  # a chain is kept on every rank or on none
+        if shard is not None:  # a chain is kept on every rank or on none, for the same reason
             flags = shard.any([f or not acc.finite() for f, acc in zip(flags, accs, strict=False)])
+            escapes = shard.ranks.agree(escapes)
         for i, (chain, flag) in enumerate(zip(ids, flags, strict=True)):
             traces.seconds[chain] = time.perf_counter() - t_group
             self.pool.add(chain, accs[i], flag, traces.seconds[chain], escaped=escapes[i])
