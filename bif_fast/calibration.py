@@ -170,17 +170,17 @@ def calibrate_with_mass(model: torch.nn.Module, train: Any, query: Any = None, *
         device = sampled[0].device
         mine = train if shard is None else Subset(train, range(shard.lo, shard.hi))
         sides = _eval_sets(model, mine, query, loss_fn, probe_config, per_token, device, ranks, shard)
-        curv = _agreed_curvature(ranks, _together(ranks, lambda: _curvature(model, sampled, loss_fn, sides[0].batches,
-                                                                           per_token, seed, shard)))  # fmt: skip
-        curv["implied_weight_decay"] = ranks.agree(_together(ranks, lambda: _implied_weight_decay(
+        curv = _agreed_curvature(ranks, ranks.checked(lambda: _curvature(model, sampled, loss_fn, sides[0].batches,
+                                                                         per_token, seed, shard)))  # fmt: skip
+        curv["implied_weight_decay"] = ranks.agree(ranks.checked(lambda: _implied_weight_decay(
             model, sampled, loss_fn, sides[0].batches, per_token, shard)))  # fmt: skip
         # One full-batch gradient costs about this much (the curvature took two per Hessian-vector product).
         per_gradient = curv["seconds"] / max(2 * curv["hvps"], 1)
         steps = int(min(REFIT_STEPS, max(MIN_REFIT_STEPS, PROBE_SHARE * budget_seconds / per_gradient / REFITS)))
-        probe = _together(ranks, lambda: refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units,
-                                                     sides[1].batches, sides[1].units, sides[1].at_w_star,
-                                                     per_token=per_token, refits=REFITS, steps=steps, seed=seed,
-                                                     shard=shard))  # fmt: skip
+        probe = ranks.checked(lambda: refit_probe(model, sampled, loss_fn, sides[0].batches, sides[0].units,
+                                                  sides[1].batches, sides[1].units, sides[1].at_w_star,
+                                                  per_token=per_token, refits=REFITS, steps=steps, seed=seed,
+                                                  shard=shard))  # fmt: skip
         probe.seconds = ranks.agree(probe.seconds)
         pilot_steps = PILOT_SHARE * budget_seconds / (1.5 * per_gradient) / PILOTS
         pilot_draws = int(min(PILOT_DRAWS, max(MIN_PILOT_DRAWS, pilot_steps / PILOT_CHAINS)))
@@ -214,31 +214,8 @@ def _eval_sets(model, train: Any, query: Any, loss_fn: LossFn, config: BIFConfig
                device: torch.device, ranks: Ranks, shard: RowShard | None) -> list:  # fmt: skip
     """The probe's evaluation sets at w* (with ``shard``: this rank's training rows); inside a process group
     a rank that fails makes every rank raise."""
-    error, sides = None, None
-    try:
-        sides = [eval_set(model, d, loss_fn, config, per_token, device, name)
-                 for d, name in ((train, "train"), (query, "query"))]  # fmt: skip
-    except Exception as e:
-        if not ranks.active:
-            raise
-        error = e
-    ranks.raise_if_any_failed(error)
-    return sides
-
-
-def _together(ranks: Ranks, fn):
-    """``fn()``; inside a process group every rank then learns whether any failed in it, and if one did every
-    rank raises (the calibration's next step is an agreement the failed rank would never join). With row
-    shards a failure of ``loss_fn`` is caught inside ``fn`` already, at its next reduction."""
-    if not ranks.active:
-        return fn()
-    error, out = None, None
-    try:
-        out = fn()
-    except Exception as e:
-        error = e
-    ranks.raise_if_any_failed(error)
-    return out
+    return ranks.checked(lambda: [eval_set(model, d, loss_fn, config, per_token, device, name)
+                                  for d, name in ((train, "train"), (query, "query"))])  # fmt: skip
 
 
 def _agreed_curvature(ranks: Ranks, curv: dict[str, Any]) -> dict[str, Any]:

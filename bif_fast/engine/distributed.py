@@ -102,6 +102,15 @@ class Ranks:
             raise RankFailure(f"bif_fast: rank 0 of {self.world} failed ({value}); no BIF on any rank", 0)
         return from_wire(value)
 
+    def checked(self, fn: Callable[[], T]) -> T | None:
+        """``fn()``; inside a group every rank then learns whether any failed in it, and if one did every rank
+        raises (``raise_if_any_failed``), instead of the others going on to a collective it never joins."""
+        if not self.active:
+            return fn()
+        out, error = _attempt(fn)
+        self.raise_if_any_failed(error)
+        return out
+
     def agree(self, value: T) -> T:
         """Rank 0's ``value`` (picklable, small) on every rank: a number every rank measured (a time) or derived
         in step with the others, so that what follows from it is the same everywhere."""
@@ -272,13 +281,17 @@ class RowShard:
 
     def checked(self, fn: Callable[[], T]) -> T | None:
         """``fn()``, then ``check`` with what it raised: a rank failing in ``fn`` makes every rank raise."""
-        error, out = None, None
-        try:
-            out = fn()
-        except Exception as e:
-            error = e
+        out, error = _attempt(fn)
         self.check(error)
         return out
+
+
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """(``fn()``, None), or (None, what it raised)."""
+    try:
+        return fn(), None
+    except Exception as e:
+        return None, e
 
 
 def _batch_rows(batch: Any) -> int | None:
