@@ -98,8 +98,8 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> dict:
         loss_fn = _FailingLoss(rank=rank, at=1)
     elif "_fail_" in case:  # "shard[_full]_fail_{at}": rank 1 alone fails at its call `at`
         loss_fn = _FailingLoss(rank=1, at=int(case.rsplit("_", 1)[1]))
-    elif case == "shard_ckpt_stop":  # the whole job stops inside the second chain (every rank at once)
-        loss_fn = _FailingLoss(rank=rank, at=200)
+    elif case == "shard_ckpt_stop":  # the whole job stops past the middle of its one group of 3 chains (every rank)
+        loss_fn = _FailingLoss(rank=rank, at=100)
     if case == "mismatch" and rank == 1:  # a model initialised differently on one rank
         with torch.no_grad():
             model[0].weight.add_(1e-3)
@@ -196,10 +196,10 @@ def test_row_shards_put_together_are_the_single_process_result(tmp_path, world, 
         torch.testing.assert_close(got, getattr(alone, name), rtol=1e-3, atol=tol)
     if per_token:
         assert torch.equal(torch.cat([sh.train_index for sh in shards]), alone.train_index)
-    # Full-batch shards batch their chains as one process does (minibatch shards run them one by one).
-    batched = alone.diagnostics["chain_batch"] if case.startswith("shard_full") else 1
+    # The shards batch their chains as one process does.
+    assert alone.diagnostics["chain_batch"] == 3
     for sh in shards:
-        assert sh.diagnostics["chain_batch"] == batched
+        assert sh.diagnostics["chain_batch"] == 3
         assert sh.diagnostics["num_draws_used"] == alone.diagnostics["num_draws_used"]
         torch.testing.assert_close(torch.tensor(sh.diagnostics["chain_mean_train_loss"]),
                                    torch.tensor(alone.diagnostics["chain_mean_train_loss"]), rtol=1e-4,
@@ -260,7 +260,7 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tmp_path):
                            BIFResult.load(tmp_path / "ckpt-rank0").bif)  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["shard_fail_3", "shard_fail_149", "shard_fail_150", "shard_fail_151",
+@pytest.mark.parametrize("case", ["shard_fail_3", "shard_fail_60", "shard_fail_61", "shard_fail_62", "shard_fail_63",
                                   "shard_full_fail_60", "shard_full_fail_61"])  # fmt: skip
 def test_a_rank_failing_inside_a_row_sharded_chain_fails_every_rank(tmp_path, case):
     """Row shards run in lockstep (every step sums the gradient over the ranks): a rank whose loss_fn raises
@@ -294,7 +294,7 @@ def test_a_row_sharded_run_resumes_in_lockstep_exactly(tmp_path):
     shutil.copy(ck / "prev-state-rank1-of-2.safetensors", ck / "state-rank1-of-2.safetensors")
     resumed = _spawn(tmp_path, world, "shard_ckpt")
     assert all(s["ok"] for s in resumed), resumed
-    assert resumed[0]["loss_calls"] < full[0]["loss_calls"] - 100  # the first chain and a half were not redone
+    assert resumed[0]["loss_calls"] < full[0]["loss_calls"] - 50  # the draws before the stop were not redone
     done = _spawn(tmp_path, world, "shard_ckpt_done")
     assert all(s["ok"] and s["loss_calls"] == 0 for s in done), done
     for rank in range(world):

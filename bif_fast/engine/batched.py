@@ -23,6 +23,7 @@ and gradient against the plain model at w*) and the chains then run one by one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,6 +193,33 @@ class ChainBatch:
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         self._store_grads(grads, accumulate=False)
         return self.grad[: self.c]
+
+    def sharded_gradient(self, batch: Any, totals: Callable[[torch.Tensor | None, Exception | None], torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Row shards: each chain's gradient of its local losses' sum over its whole minibatch's count
+        (``batch``: this rank's rows of each chain's minibatch, stacked). ``totals(counts, error)`` sums the
+        chains' local counts (rows, or positions that count) over the ranks after the forward, and raises on
+        every rank if any rank's forward failed (``error``). Returns (``[C, N]`` gradients in ``self.grad``,
+        ``[C]`` this rank's share of each chain's count)."""
+        leaves = [v.detach().requires_grad_(True) for v in self._param_views()]
+        sums = counts = error = None
+        with torch.enable_grad():
+            try:
+                views = dict(zip(self.names, leaves, strict=True))
+                sums, counts = torch.func.vmap(self._minibatch_sum, in_dims=(0, leading_dims(batch)))(views, batch)
+            except Exception as e:  # every rank learns of it in totals
+                error = e
+            total = totals(None if counts is None else counts.detach(), error).to(sums.dtype).clamp_min(1)
+            grads = torch.autograd.grad((sums / total).sum(), leaves, allow_unused=True)
+        self._store_grads(grads, accumulate=False)
+        return self.grad[: self.c], counts.detach().double() / total.double()
+
+    def _minibatch_sum(self, params: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out, mask = torch.func.functional_call(self.wrapper, params, (batch,), {"with_mask": True})
+        if self.per_token and mask is not None:
+            mask = mask.bool()
+            return torch.where(mask, out, 0.0).sum(), mask.sum().to(out.dtype)
+        return out.sum(), torch.full((), out.numel(), dtype=out.dtype, device=out.device)
 
     def full_gradient(self, batches: list, count: int) -> list[torch.Tensor]:
         """Gradients (into ``self.grad``) of each chain's mean loss over ``batches`` (``count`` units in all),

@@ -261,11 +261,35 @@ class BatchedChains:
             if self.run.full is not None:
                 self.step_with_losses()
                 continue
+            if self.run.shard is not None:
+                self._sharded_step()
+                continue
             batch = stack_batches([next(it) for it in self._batches])
             grad = self.batch.gradient(batch)
             if self.run.control is not None:
                 grad.add_(self.run.control.batched_correction(batch).to(grad.dtype))
             self.batch.update()
+
+    def _sharded_step(self) -> None:
+        """One step of every chain over row shards: this rank's rows of each chain's minibatch, the chains'
+        counts summed over the ranks after the forward, the gradients (and control-variate corrections) of
+        this rank's part summed before the update."""
+        run, shard = self.run, self.run.shard
+        local = stack_batches([shard.local_batch(next(it)) for it in self._batches])
+        c = self.batch.c
+
+        def totals(counts: torch.Tensor | None, error: Exception | None) -> torch.Tensor:
+            values = torch.zeros(c, dtype=torch.float64) if counts is None else counts.double().cpu()
+            return shard.check(error, values)
+
+        def gradient() -> torch.Tensor:
+            grad, shares = self.batch.sharded_gradient(local, totals)
+            if run.control is not None:
+                grad.add_(run.control.batched_share_correction(local, shares, shard.ranks.world).to(grad.dtype))
+            return grad
+
+        shard.sum_(shard.checked(gradient))
+        self.batch.update()
 
     def step_with_losses(self) -> list[torch.Tensor]:
         run = self.run
@@ -352,10 +376,10 @@ def make_chains(model, state: ModelState, opt: SGLD, loss_fn: LossFn, sgld_sourc
     """``BatchedChains`` of ``size`` chains when ``size > 1`` and they pass the trial against the model at w*
     (``checks``: evaluation batches, their units and the losses at w*), else ``SequentialChains``. ``full``:
     full-batch steps over these batches; ``control``: minibatch gradients with that control variate;
-    ``shard``: gradients summed across the ranks (``shard_rows``; batched with full-batch gradients of a
-    model that is not FSDP-sharded, where every rank's trial passes, else one by one)."""
+    ``shard``: gradients summed across the ranks (``shard_rows``; batched for a model that is not
+    FSDP-sharded where every rank's trial passes, else one by one)."""
     run = _Run(model, state, loss_fn, sgld_source, config, opt.device, per_token, full, control, shard)
-    if size > 1 and (shard is None or (full is not None and not shard.fsdp)):
+    if size > 1 and (shard is None or not shard.fsdp):
         batch, why_not = _try_chain_batch(run, opt, size, checks)
         if shard is not None and shard.any([batch is None])[0]:  # every rank takes the same path
             batch, why_not = None, why_not or "another rank's trial of batched chains failed"

@@ -68,6 +68,14 @@ class ControlVariate:
         c = next(iter(grads.values())).shape[0]
         return self.full - self._flat(grads, (c,))
 
+    def batched_share_correction(self, local_batch: Any, shares: torch.Tensor, world: int) -> torch.Tensor:
+        """``[C, N]`` this rank's parts of C chains' corrections under row shards (``apply_share_`` per chain):
+        ``g(w*) / world - shares[c] g_local_c(w*)``, ``local_batch`` this rank's rows of each minibatch, stacked."""
+        with torch.enable_grad():
+            grads = torch.func.vmap(self._grad, in_dims=(None, leading_dims(local_batch)))(self.anchor, local_batch)
+        local = self._flat(grads, (shares.numel(),))
+        return self.full / world - shares.to(local.device, local.dtype)[:, None] * torch.nan_to_num(local)
+
     def apply_(self, params: Sequence[torch.Tensor], batch: Any) -> None:
         """Add the correction of ``batch`` to the ``.grad`` of ``params`` (after the backward at w)."""
         self._add_(params, self.correction(batch))
