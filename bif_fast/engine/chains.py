@@ -22,7 +22,7 @@ from bif_fast.config import BIFConfig
 from bif_fast.engine.batched import ChainBatch
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import sgld_batches, stack_batches
-from bif_fast.engine.distributed import RowShard
+from bif_fast.engine.distributed import RowShard, in_lockstep
 from bif_fast.engine.model_state import ModelState
 from bif_fast.engine.units import LossFn, Units, evaluate, full_batch_term, loss_and_mask, minibatch_loss
 from bif_fast.sampler import SGLD
@@ -112,7 +112,7 @@ class _Run:
     def checked(self, fn: Callable[[], Any]) -> Any:
         """``fn()``; with row shards a lockstep check follows, so that a rank failing in it makes every rank
         raise instead of leaving the others waiting in the next collective."""
-        return fn() if self.shard is None else self.shard.checked(fn)
+        return in_lockstep(self.shard, fn)
 
     def minibatches(self, chain: int, skip: int = 0):
         """Chain ``chain``'s minibatch stream, past its first ``skip`` batches (a resumed chain's)."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["RankFailure", "Ranks", "RowShard"]
+__all__ = ["RankFailure", "Ranks", "RowShard", "in_lockstep"]
 
 T = TypeVar("T")
 
@@ -133,21 +133,22 @@ class Ranks:
         return tensor
 
     @staticmethod
-    def _object_device() -> torch.device | None:
-        """Where an object collective stages its bytes: the current CUDA device under NCCL (else the default)."""
+    def _backend_device() -> torch.device:
+        """The device the group's backend moves tensors on: the current CUDA device under NCCL (which takes
+        CUDA tensors only), else the CPU."""
         if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
-        return None
+        return torch.device("cpu")
+
+    def _object_device(self) -> torch.device | None:
+        """Where an object collective stages its bytes: the backend's CUDA device under NCCL, else the default."""
+        device = self._backend_device()
+        return device if device.type == "cuda" else None
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` itself where the backend moves tensors of its device, else a copy on the device it does
-        (NCCL takes CUDA tensors only, gloo CPU ones)."""
-        nccl = "nccl" in str(torch.distributed.get_backend())
-        if nccl == (tensor.device.type == "cuda"):
-            return tensor
-        if nccl:
-            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        return tensor.cpu()
+        """``tensor`` itself where the backend moves tensors of its device, else a copy on the device it does."""
+        device = self._backend_device()
+        return tensor if tensor.device.type == device.type else tensor.to(device)
 
     def check_same(self, record: dict[str, Any]) -> None:
         """Every rank must call with the same ``record`` (e.g. w*'s checksums, the data sizes, the config):
@@ -181,10 +182,7 @@ class Ranks:
         tensors only), returned on ``values``' device."""
         if not self.active:
             return values
-        wire = torch.device("cpu")
-        if "nccl" in str(torch.distributed.get_backend()) and torch.cuda.is_available():
-            wire = torch.device("cuda", torch.cuda.current_device())
-        out = values.to(wire, copy=True)
+        out = values.to(self._backend_device(), copy=True)
         torch.distributed.all_reduce(out)
         return out.to(values.device)
 
@@ -284,6 +282,12 @@ class RowShard:
         out, error = _attempt(fn)
         self.check(error)
         return out
+
+
+def in_lockstep(shard: RowShard | None, fn: Callable[[], T]) -> T | None:
+    """``fn()``; with row shards followed by the lockstep check (``RowShard.checked``), so that a rank failing
+    in it makes every rank raise before the next collective."""
+    return fn() if shard is None else shard.checked(fn)
 
 
 def _attempt(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bif_fast.engine.data import batch_len
-from bif_fast.engine.distributed import RowShard
+from bif_fast.engine.distributed import RowShard, in_lockstep
 from bif_fast.engine.units import LossFn, Units, evaluate, loss_and_mask
 
 __all__ = ["RefitProbe", "extrapolated_score", "jackknife_se", "probe_loo_scores", "probe_noise_fractions",
@@ -95,7 +95,7 @@ def _query_change(model, batches: list, loss_fn: LossFn, per_token: bool, units:
         outs, _ = evaluate(model, batches, loss_fn, per_token, "query")
         return units.gather(outs) - at_w_star
 
-    return change() if shard is None else shard.checked(change)
+    return in_lockstep(shard, change)
 
 
 def _subset_weights(model, loss_fn: LossFn, batches: list, sizes: list[int], keep: torch.Tensor,

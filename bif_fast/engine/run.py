@@ -24,7 +24,7 @@ from bif_fast.engine.chains import Chains, FullBatch, chain_batch_size, make_cha
 from bif_fast.engine.checkpoint import Checkpoint, Restored, json_normal, run_identity
 from bif_fast.engine.control_variate import ControlVariate
 from bif_fast.engine.data import ChainMinibatches, eval_batches, first_item, to_device, token_capped_batch_size
-from bif_fast.engine.distributed import Ranks, RowShard
+from bif_fast.engine.distributed import Ranks, RowShard, in_lockstep
 from bif_fast.engine.host_memory import raise_glibc_malloc_thresholds
 from bif_fast.engine.mass import LowRankMass
 from bif_fast.engine.model_state import ModelState
@@ -201,7 +201,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     cov_dtype = loss_dtype if config.cov_dtype == "auto" else getattr(torch, config.cov_dtype)
     n, p = sides[0].units.n, sides[1].units.n
     full = FullBatch(sides[0].batches, rows.total) if config.batch_size == "full" else None
-    opt = _set_up(rows.shard, lambda: SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend,
+    opt = in_lockstep(rows.shard, lambda: SGLD(sampled, config.sgld, seed=config.seed, chain=0, backend=backend,
                                            mass=mass))  # fmt: skip
     if opt.in_place:  # weights stepped in place get w* copied back; packed weights are re-pointed
         state.restore_with(opt.put_back)
@@ -212,7 +212,7 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     checks = [(s.batches, s.units, s.at_w_star) for s in sides]
     control = None
     if config.control_variate:  # with row shards train's batches are this rank's rows; another source is whole
-        control = _set_up(rows.shard, lambda: _control_variate(
+        control = in_lockstep(rows.shard, lambda: _control_variate(
             model, state, sampled, loss_fn, _source_batches(sgld_source, train, sides[0], config, device), per_token,
             rows.shard if sgld_source is train else None))  # fmt: skip
     chains = make_chains(model, state, opt, loss_fn, sgld_source, config, per_token, size, checks, full, control,
@@ -230,12 +230,6 @@ def _sample(model, state: ModelState, sampled, train: Any, sides: list[EvalSet],
     limit = _TimeLimit.of(config, mine, chains.size, saver is not None, ranks.active and rows.shard is None)
     _DrawLoop(chains, pool, sides, config, loss_dtype, device, reuse, traces, saver, rows).run(mine, restored, limit)
     return _Sampled(opt, chains, pool, traces, reuse, None if limit is None else limit.record())
-
-
-def _set_up(shard: RowShard | None, fn):
-    """``fn()``; with row shards followed by a lockstep check, so that a rank failing in a set-up step makes
-    every rank raise before the next collective."""
-    return fn() if shard is None else shard.checked(fn)
 
 
 class _TimeLimit:
